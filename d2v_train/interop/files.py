@@ -1,0 +1,84 @@
+"""Safe weight files: atomic writes, and loads that never execute pickled code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes through a temporary file in the same folder, then renames it over ``path``.
+
+    A crash mid-write leaves the previous file (if any) intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_safetensors(state: Mapping[str, Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+
+
+def save_json(data: Mapping[str, Any], path: Path) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Loads a ``.safetensors`` file, or a PyTorch pickle with ``weights_only=True``.
+
+    A pickle that needs anything beyond tensors and plain containers is refused with a message,
+    so a malicious checkpoint cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load: the pickle holds objects beyond tensors and plain containers, "
+            f"and loading it could execute code ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch weight file ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a flat mapping of names to tensors")
+    return state
