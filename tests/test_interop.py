@@ -153,3 +153,24 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "model.safetensors"]
     after = load_file(str(tmp_path / "v" / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_native_encoder_format_roundtrip(tmp_path):
+    import d2v_train
+    from d2v_train.interop import save_encoder
+
+    encoder = build_encoder("audio", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=8, conv_dim=[8], conv_kernel=[10], conv_stride=[5],
+                                          num_conv_pos_embedding_groups=2, num_conv_pos_embeddings=1)).eval()
+    save_encoder(encoder, tmp_path / "enc")
+    loaded = d2v_train.load_encoder(tmp_path / "enc").eval()
+    waves = torch.randn(1, 400)
+    assert torch.equal(loaded(waves).last_hidden_state, encoder(waves).last_hidden_state)
+    state = load_file(str(tmp_path / "enc" / "encoder.safetensors"))
+    state["norm.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "enc" / "encoder.safetensors"))
+    with pytest.raises(ValueError, match=r"encoder\.safetensors: norm\.weight has shape \(3,\)"):
+        d2v_train.load_encoder(tmp_path / "enc")
+    (tmp_path / "enc" / "config.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="expected 'd2v_train.encoder'"):
+        d2v_train.load_encoder(tmp_path / "enc")

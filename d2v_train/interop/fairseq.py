@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..models import Encoder, build_encoder
+from .files import check_state
 
 log = logging.getLogger(__name__)
 
@@ -334,16 +335,7 @@ def load_fairseq(path: Union[str, Path], modality: Optional[str] = None, **overr
         # fairseq's RoBERTa-style encoder has no token types: one all-zero row adds nothing.
         state["embeddings.token_type.weight"] = torch.zeros(1, config["hidden_size"])
     encoder = build_encoder(modality, config)
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the inferred {modality} encoder; "
-                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, "
-                             f"model {tuple(expected[key].shape)}")
+    check_state(encoder.state_dict(), state, f"{path} ({modality} encoder inferred from its shapes)")
     encoder.load_state_dict(state)
     log.info("loaded %s encoder from %s (%d tensors)", modality, path, len(state))
     return encoder

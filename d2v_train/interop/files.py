@@ -82,3 +82,15 @@ def load_weights(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a flat mapping of names to tensors")
     return state
+
+
+def check_state(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], where: str) -> None:
+    """Raises naming the keys missing or unexpected in ``state`` and the first shape mismatch."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not match the model built from its config; "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[key].shape)}")
