@@ -1,0 +1,298 @@
+"""Embedded defaults that need nothing but pip (digits, docstrings) or one apt package (speech).
+
+- `DigitsDataModule`: scikit-learn's 1,797 8x8 digits, upsampled to the tiny vision encoder's size,
+  3 channels, labelled: the default of `d2v-pretrain` (a < 2 minute CPU run).
+- `DocstringsDataModule`: Python's own documentation (pydoc topics + stdlib docstrings) as text.
+- `SpeechDataModule`: a spoken-word (classes) or sentence (transcripts) corpus synthesised with
+  espeak-ng into a cache folder, then read by the ordinary audio pipeline.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import random
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from d2v_train.data.audio import AudioDataModule
+from d2v_train.data.collate import collate_images
+from d2v_train.data.common import BaseDataModule, default_cache_dir, fingerprint, progress, seeded_split
+from d2v_train.data.espeak import Utterance, synthesize_all
+from d2v_train.data.text import TextDataModule
+
+log = logging.getLogger("d2v_train.data")
+
+# ------------------------------------------------------------------------------------------ digits
+
+
+class TensorImages(Dataset):
+    """In-memory images `(N, 3, H, W)` + labels `(N,)`; nothing to decode, nothing to skip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"inputs": self.images[index], "labels": int(self.labels[index])}
+
+
+class DigitsDataModule(BaseDataModule):
+    """scikit-learn digits as `(B, 3, image_size, image_size)` pixels with labels 0-9.
+
+    Values 0-16 are scaled to [0, 1], upsampled bilinearly, repeated to 3 channels and standardised
+    with the training split's mean/std. `labels_per_class` keeps only k labelled training images per
+    class (seeded), for few-label fine-tuning.
+    """
+
+    modality = "vision"
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        val_fraction: float = 0.2,
+        labels_per_class: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        strict: bool = False,
+        seed: int = 0,
+        path: str | None = None,
+        recipe: str = "v2",
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            strict=strict,
+            seed=seed,
+        )
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.labels_per_class = labels_per_class
+        self.classes: list[str] | None = [str(i) for i in range(10)]
+        self.mean = self.std = 0.0
+        # `modality=vision data.path=/my/images`: the image pipeline at this module's settings
+        self.images = None
+        if path:
+            from d2v_train.data.image import ImageDataModule
+
+            self.images = ImageDataModule(
+                path, image_size=image_size, recipe=recipe, val_fraction=val_fraction, batch_size=batch_size,
+                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                strict=strict, seed=seed,
+            )  # fmt: skip
+            self.skips = self.images.skips
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.images is not None:
+            self.images.setup(stage)
+            self.train_set, self.val_set, self.classes = self.images.train_set, self.images.val_set, self.images.classes
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+        if self.image_size != 8:
+            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1).contiguous()
+        y = torch.as_tensor(digits.target, dtype=torch.long)
+        train_idx, val_idx = seeded_split(len(y), self.val_fraction, self.seed)
+        if self.labels_per_class:
+            train_idx = self._few_labels(train_idx, y)
+        self.mean, self.std = float(x[train_idx].mean()), float(x[train_idx].std())
+        x = (x - self.mean) / self.std
+        self.train_set = TensorImages(x[train_idx], y[train_idx])
+        self.val_set = TensorImages(x[val_idx], y[val_idx])
+
+    def _few_labels(self, idx: list[int], y: torch.Tensor) -> list[int]:
+        g = random.Random(self.seed)
+        keep: list[int] = []
+        for c in range(10):
+            members = [i for i in idx if int(y[i]) == c]
+            keep += g.sample(members, min(self.labels_per_class or 0, len(members)))
+        return sorted(keep)
+
+    collate_fn = staticmethod(collate_images)  # type: ignore[assignment]
+
+
+# -------------------------------------------------------------------------------------- docstrings
+
+DOC_SEPARATOR = "<|doc|>"
+
+
+def python_docs(max_files: int | None = None) -> list[str]:
+    """pydoc's topic pages + docstrings of the standard library's modules, classes and functions,
+    read with `ast` (nothing is imported, so no module runs)."""
+    import pydoc_data.topics
+
+    docs = [t.strip() for t in pydoc_data.topics.topics.values()]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip_dirs = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
+    files = sorted(p for p in root.rglob("*.py") if not skip_dirs & set(p.relative_to(root).parts[:-1]))
+    for f in progress(files[:max_files], desc="reading docstrings"):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 20:
+                    docs.append(doc.strip())
+    return docs
+
+
+def write_docstrings_corpus(cache: Path, max_files: int | None = None) -> Path:
+    """One text file, documents separated by a `<|doc|>` line; written once per Python version."""
+    import platform
+
+    out = cache / f"python-{platform.python_version()}-{max_files or 'all'}" / "docstrings.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(python_docs(max_files)), encoding="utf-8")
+        tmp.replace(out)
+    return out
+
+
+class DocstringsDataModule(TextDataModule):
+    """Python's own documentation as a text corpus (~2 MB), tokenized with a trained byte-level BPE."""
+
+    def __init__(self, *, max_files: int | None = None, cache_dir: str | None = None, path: str | None = None, **kwargs: Any) -> None:
+        self.max_files = max_files
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir("docstrings")
+        kwargs.setdefault("vocab_size", 4096)
+        kwargs.setdefault("max_length", 128)
+        # a user path (`modality=text data.path=...`) is read as ordinary text files
+        super().__init__(path or "", separator=None if path else DOC_SEPARATOR, cache_dir=str(cache), **kwargs)
+        self.user_path = path
+
+    def prepare_data(self) -> None:
+        self._corpus()
+
+    def _corpus(self) -> str:
+        if not self.path:
+            self.path = str(write_docstrings_corpus(Path(self.cache_dir or "."), self.max_files))  # type: ignore[arg-type]
+        return self.path
+
+    def setup(self, stage: str | None = None) -> None:
+        self._corpus()
+        super().setup(stage)
+
+
+# ------------------------------------------------------------------------------------------ speech
+
+WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
+)  # fmt: skip
+ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+VARIANTS = ("m1", "m3", "f1", "f3")
+
+
+class SpeechDataModule(AudioDataModule):
+    """A synthesised spoken corpus: `kind=words` (labels = word classes) or `kind=sentences`
+    (labels = character transcripts for CTC). Voices in `val_accents` are held out for validation
+    (speaker-independent evaluation); otherwise a seeded random split."""
+
+    def __init__(
+        self,
+        *,
+        kind: str = "words",
+        words: Sequence[str] = WORDS,
+        accents: Sequence[str] = ACCENTS[:4],
+        variants: Sequence[str] = VARIANTS,
+        rates: Sequence[int] = (150,),
+        pitches: Sequence[int] = (50,),
+        val_accents: Sequence[str] | None = None,
+        num_sentences: int = 200,
+        sentence_words: tuple[int, int] = (2, 6),
+        synth_threads: int = 4,
+        cache_dir: str | None = None,
+        path: str | None = None,
+        labels: str | None = "auto",
+        **audio: Any,
+    ) -> None:
+        if kind not in ("words", "sentences"):
+            raise ValueError(f"data.kind must be words or sentences, got {kind!r}")
+        if labels == "auto":  # a user's own recordings (data.path=...) are read unlabelled
+            labels = None if path else ("class" if kind == "words" else "transcript")
+        audio.setdefault("batching", "pad")
+        audio.setdefault("max_sample_size", 16000 * 8)
+        audio.setdefault("max_tokens", 16000 * 64)
+        super().__init__(path or "", labels=labels, **audio)
+        self.kind = kind
+        self.words = list(words)
+        self.accents = list(accents)
+        self.variants = list(variants)
+        self.rates = list(rates)
+        self.pitches = list(pitches)
+        self.val_accents = list(val_accents or [])
+        self.num_sentences = num_sentences
+        self.sentence_words = sentence_words
+        self.synth_threads = synth_threads
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir("speech")
+        self.user_path = path
+
+    def _texts(self) -> list[str]:
+        if self.kind == "words":
+            return self.words
+        g = random.Random(self.seed)
+        lo, hi = self.sentence_words
+        return [" ".join(g.choice(self.words) for _ in range(g.randint(lo, hi))) for _ in range(self.num_sentences)]
+
+    def corpus_dir(self) -> Path:
+        key = fingerprint(self.kind, self.words, self.accents, self.variants, self.rates, self.pitches,
+                          self.num_sentences, self.sentence_words, self.seed)  # fmt: skip
+        return self.cache_root / f"{self.kind}-{key}"
+
+    def prepare_data(self) -> None:
+        """Synthesise every utterance not yet in the cache (train/ and val/ folders)."""
+        if self.user_path:
+            return
+        root = self.corpus_dir()
+        jobs = []
+        voices = [(a, v) for a in self.accents + [x for x in self.val_accents if x not in self.accents] for v in self.variants]
+        for t_i, text in enumerate(self._texts()):
+            for accent, variant in voices:
+                for rate in self.rates:
+                    for pitch in self.pitches:
+                        split = "val" if accent in self.val_accents else "train"
+                        stem = f"{accent}+{variant}_s{rate}_p{pitch}"
+                        if self.kind == "words":
+                            out = root / split / text / f"{stem}.wav"
+                        else:
+                            out = root / split / f"{t_i:05d}_{stem}.wav"
+                        jobs.append(Utterance(text, f"{accent}+{variant}", rate, pitch, out))
+        synthesize_all(jobs, self.synth_threads)
+        if self.kind == "sentences":
+            for u in jobs:
+                txt = u.out.with_suffix(".txt")
+                if not txt.is_file():
+                    txt.write_text(u.text, encoding="utf-8")
+        log.info("speech corpus: %d utterances in %s", len(jobs), root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_setup:
+            return
+        if self.user_path:  # `modality=audio data.path=/my/wavs`: the plain audio pipeline
+            super().setup(stage)
+            return
+        self.prepare_data()
+        root = self.corpus_dir()
+        self.path = str(root / "train")
+        self.val_path = str(root / "val") if self.val_accents else None
+        super().setup(stage)
