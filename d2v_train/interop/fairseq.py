@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..models import Encoder, build_encoder
 from .files import check_state
+from .keymaps import compile_pattern, fill_pattern
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +182,11 @@ def detect_modality(state: Mapping[str, Any]) -> str:
                      "nor a BEiT-based data2vec vision model")
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$")
-
-
 def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
     """Applies the modality's table. Every tensor must be mapped, dropped on purpose, or a head."""
     dropped = [re.compile(p) for p in DROPPED[modality]]
     heads = [re.compile(p) for p in HEADS[modality]]
-    table = [(tuple(_pattern(t) for t in theirs), theirs, ours) for theirs, ours in TABLES[modality]]
+    table = [(tuple(compile_pattern(t) for t in theirs), theirs, ours) for theirs, ours in TABLES[modality]]
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for key in state:
@@ -205,22 +202,16 @@ def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
             if not match:
                 continue
             numbers = match.groups()
-            names = [_fill(t, numbers) for t in theirs]
+            names = [fill_pattern(t, numbers) for t in theirs]
             missing = [n for n in names if n not in state]
             if missing:
                 raise ValueError(f"checkpoint has {key!r} but not {missing}, which fuse with it into {ours}")
-            out[_fill(ours, numbers)] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[key]
+            out[fill_pattern(ours, numbers)] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[key]
             used.update(names)
             break
         else:
             raise ValueError(f"checkpoint key {key!r} is not in the {modality} key table")
     return out
-
-
-def _fill(template: str, numbers: tuple[str, ...]) -> str:
-    for number in numbers:
-        template = template.replace("{n}", number, 1)
-    return template
 
 
 def _count(state: Mapping[str, Tensor], pattern: str) -> int:

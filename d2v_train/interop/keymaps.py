@@ -102,11 +102,13 @@ VISION_RULES: list[Rule] = [
 RULES: dict[str, list[Rule]] = {"audio": AUDIO_RULES, "text": TEXT_RULES, "vision": VISION_RULES}
 
 
-def _compile(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\{n\}", r"(\d+)") + "$")
+def compile_pattern(pattern: str, suffix: str = "") -> re.Pattern:
+    """Regex for a key pattern whose ``{n}`` placeholders capture layer indices."""
+    return re.compile("^" + re.escape(pattern).replace(r"\{n\}", r"(\d+)") + suffix + "$")
 
 
-def _fill(template: str, numbers: tuple[str, ...]) -> str:
+def fill_pattern(template: str, numbers: tuple[str, ...]) -> str:
+    """Puts captured layer indices back into a pattern's ``{n}`` placeholders, in order."""
     for number in numbers:
         template = template.replace("{n}", number, 1)
     return template
@@ -115,9 +117,9 @@ def _fill(template: str, numbers: tuple[str, ...]) -> str:
 def their_names(modality: str, our_key: str) -> tuple[str, ...]:
     """The transformers names our parameter ``our_key`` maps to; KeyError when no rule covers it."""
     for ours, theirs in RULES[modality]:
-        match = _compile(ours).match(our_key)
+        match = compile_pattern(ours).match(our_key)
         if match:
-            return tuple(_fill(t, match.groups()) for t in theirs)
+            return tuple(fill_pattern(t, match.groups()) for t in theirs)
     raise KeyError(f"no {modality} key-map rule covers our parameter {our_key!r}")
 
 
