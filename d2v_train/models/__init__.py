@@ -7,6 +7,7 @@ from typing import Any, Mapping, Union
 from torch import nn
 
 from .audio import AudioEncoder, AudioEncoderConfig
+from .base import EncoderBase
 from .config import EncoderConfig
 from .text import TextEncoder, TextEncoderConfig
 from .transformer import Block, EncoderOutput, TransformerStack
@@ -40,6 +41,7 @@ __all__ = [
     "AudioEncoderConfig",
     "Block",
     "Encoder",
+    "EncoderBase",
     "EncoderConfig",
     "EncoderOutput",
     "ENCODERS",

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
-from .transformer import EncoderOutput, LayerTarget, TransformerStack, activation, attention_mask, init_weights
+from .base import EncoderBase
+from .transformer import EncoderOutput, LayerTarget, activation, attention_mask, init_weights
 
 
 @dataclass
@@ -184,16 +185,13 @@ class Adapter(nn.Module):
         return x.transpose(1, 2)
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(EncoderBase):
     """Raw waveform ``(batch, samples)`` -> contextual frames ``(batch, frames, hidden_size)``."""
 
     modality = "audio"
-    num_prefix_tokens = 0
 
     def __init__(self, config: AudioEncoderConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.feature_extractor = ConvFeatureExtractor(config)
         self.feature_projection = FeatureProjection(config)
         if config.mask_time_prob > 0 or config.mask_feature_prob > 0:
@@ -203,18 +201,12 @@ class AudioEncoder(nn.Module):
         self.pos_conv = ConvPositionalEmbedding(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.transformer = TransformerStack(
-            config.num_hidden_layers,
-            config.hidden_size,
-            config.num_attention_heads,
-            config.intermediate_size,
+        self.transformer = self.transformer_stack(
             layerdrop=config.layerdrop,
             norm_first=False,
-            act=config.hidden_act,
             dropout=config.hidden_dropout,
             attn_dropout=config.attention_dropout,
             activation_dropout=config.activation_dropout,
-            layer_norm_eps=config.layer_norm_eps,
         )
         self.adapter = Adapter(config) if config.add_adapter else None
         self.reset_parameters()
@@ -293,14 +285,3 @@ class AudioEncoder(nn.Module):
                 lengths = self.adapter_lengths((~padding_mask).sum(-1))
                 padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
         return EncoderOutput(x, hidden, targets, padding_mask)
-
-    def forward(
-        self,
-        inputs: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-        layer_targets: LayerTarget = None,
-        output_hidden_states: bool = False,
-    ) -> EncoderOutput:
-        tokens, frame_padding = self.embed(inputs, padding_mask)
-        return self.contextualize(tokens, frame_padding, mask, layer_targets, output_hidden_states)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import EncoderConfig
-from .transformer import EncoderOutput, LayerTarget, TransformerStack, attention_mask, init_weights
+from .base import EncoderBase
+from .transformer import EncoderOutput, LayerTarget, attention_mask, init_weights
 
 
 @dataclass
@@ -89,27 +90,20 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))
 
 
-class TextEncoder(nn.Module):
-    """Token ids ``(batch, length)`` -> contextual tokens ``(batch, length, hidden_size)``."""
+class TextEncoder(EncoderBase):
+    """Token ids ``(batch, length)`` -> contextual tokens ``(batch, length, hidden_size)``.
+
+    ``forward`` also takes ``token_type_ids`` (passed on to ``embed``)."""
 
     modality = "text"
-    num_prefix_tokens = 0
 
     def __init__(self, config: TextEncoderConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.embeddings = TextEmbeddings(config)
-        self.transformer = TransformerStack(
-            config.num_hidden_layers,
-            config.hidden_size,
-            config.num_attention_heads,
-            config.intermediate_size,
+        self.transformer = self.transformer_stack(
             norm_first=False,
-            act=config.hidden_act,
             dropout=config.hidden_dropout_prob,
             attn_dropout=config.attention_probs_dropout_prob,
-            layer_norm_eps=config.layer_norm_eps,
         )
         self.pooler = Pooler(config.hidden_size) if config.add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config.initializer_range))
@@ -149,15 +143,3 @@ class TextEncoder(nn.Module):
         )
         pooled = self.pooler(x) if self.pooler is not None else None
         return EncoderOutput(x, hidden, targets, padding_mask, pooled)
-
-    def forward(
-        self,
-        inputs: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-        layer_targets: LayerTarget = None,
-        output_hidden_states: bool = False,
-        token_type_ids: Optional[Tensor] = None,
-    ) -> EncoderOutput:
-        tokens, padding = self.embed(inputs, padding_mask, token_type_ids)
-        return self.contextualize(tokens, padding, mask, layer_targets, output_hidden_states)

@@ -15,14 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
-from .transformer import (
-    EncoderOutput,
-    LayerTarget,
-    RelativePositionBias,
-    TransformerStack,
-    attention_mask,
-    init_weights,
-)
+from .base import EncoderBase
+from .transformer import EncoderOutput, LayerTarget, RelativePositionBias, attention_mask, init_weights
 
 
 def _pair(value: Union[int, list, tuple]) -> tuple[int, int]:
@@ -80,16 +74,14 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(EncoderBase):
     """Pixels ``(batch, 3, H, W)`` -> ``(batch, 1 + patches, hidden_size)`` with CLS first."""
 
     modality = "vision"
     num_prefix_tokens = 1
 
     def __init__(self, config: VisionEncoderConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         dim = config.hidden_size
         grid = config.grid_size
         self.patch_size = _pair(config.patch_size)
@@ -104,17 +96,11 @@ class VisionEncoder(nn.Module):
         self.rel_pos_bias = (
             RelativePositionBias(grid, config.num_attention_heads) if config.use_shared_relative_position_bias else None
         )
-        self.transformer = TransformerStack(
-            config.num_hidden_layers,
-            dim,
-            config.num_attention_heads,
-            config.intermediate_size,
+        self.transformer = self.transformer_stack(
             drop_path_rate=config.drop_path_rate,
             norm_first=True,
-            act=config.hidden_act,
             dropout=config.hidden_dropout_prob,
             attn_dropout=config.attention_probs_dropout_prob,
-            layer_norm_eps=config.layer_norm_eps,
             layer_scale_init=config.layer_scale_init_value,
             qkv_bias="qv",
             rel_pos_window=grid if config.use_relative_position_bias else None,
@@ -205,7 +191,7 @@ class VisionEncoder(nn.Module):
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
-        if padding_mask is not None:
-            raise ValueError("images have no padding: pass padding_mask=None to the vision encoder")
-        tokens, grid = self.patch_embed(inputs)
+        """Like ``EncoderBase.forward``, passing the input's patch grid on (any image size works)."""
+        tokens, _ = self.embed(inputs, padding_mask)
+        grid = (inputs.shape[-2] // self.patch_size[0], inputs.shape[-1] // self.patch_size[1])
         return self.contextualize(tokens, None, mask, layer_targets, output_hidden_states, grid=grid)

@@ -1,0 +1,60 @@
+"""What the three encoders share: config handling, the stack they build, the two-stage forward."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from .config import EncoderConfig
+from .transformer import EncoderOutput, LayerTarget, TransformerStack
+
+
+class EncoderBase(nn.Module):
+    """An encoder is ``embed`` (modality-specific tokens) then ``contextualize`` (masking and the
+    shared transformer). The split lets the audio teacher reuse the student's CNN features."""
+
+    modality: str = ""
+    num_prefix_tokens: int = 0
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+
+    def transformer_stack(self, **block_kwargs: Any) -> TransformerStack:
+        c = self.config
+        return TransformerStack(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size,
+            act=c.hidden_act,
+            layer_norm_eps=c.layer_norm_eps,
+            **block_kwargs,
+        )
+
+    def embed(self, inputs: Tensor, padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    def contextualize(
+        self,
+        tokens: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        layer_targets: LayerTarget = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        inputs: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        layer_targets: LayerTarget = None,
+        output_hidden_states: bool = False,
+        **embed_kwargs: Any,
+    ) -> EncoderOutput:
+        tokens, token_padding = self.embed(inputs, padding_mask, **embed_kwargs)
+        return self.contextualize(tokens, token_padding, mask, layer_targets, output_hidden_states)
