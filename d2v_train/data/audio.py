@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from d2v_train.data import hf
 from d2v_train.data.audio_io import (
@@ -43,7 +42,7 @@ from d2v_train.data.common import (
     progress,
     seeded_split,
 )
-from d2v_train.data.samplers import LengthBucketBatchSampler
+from d2v_train.data.samplers import LengthBucketBatchSampler, mix_seed
 
 log = logging.getLogger("d2v_train.data")
 
@@ -233,7 +232,7 @@ class AudioDataset(SafeDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.try_load(index)
         if item is not None and self.max_sample_size:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, index))
             item["inputs"] = random_crop(item["inputs"], self.max_sample_size, gen)
         return item
 
@@ -491,11 +490,8 @@ class AudioDataModule(BaseDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------
 
-    def batch_sampler(self, dataset: AudioDataset, train: bool) -> LengthBucketBatchSampler:
-        world, rank = None, None
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            world, rank = trainer.world_size, trainer.global_rank
+    def batch_sampler(self, dataset: AudioDataset, train: bool) -> LengthBucketBatchSampler:  # type: ignore[override]
+        world, rank = self.world()
         return LengthBucketBatchSampler(
             None,
             lengths=dataset.lengths(),
@@ -507,10 +503,4 @@ class AudioDataModule(BaseDataModule):
             rank=rank,
         )
 
-    def _loader(self, dataset: Any, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_sampler=self.batch_sampler(dataset, train),
-            collate_fn=collate_audio,
-            **self.loader_kwargs(),
-        )
+    collate_fn = staticmethod(collate_audio)  # type: ignore[assignment]

@@ -20,6 +20,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from d2v_train.data.resumable import ResumableDataLoader
+from d2v_train.data.samplers import EpochBatchSampler, ResumableBatchSampler
+
 log = logging.getLogger("d2v_train.data")
 
 T = TypeVar("T")
@@ -188,9 +191,11 @@ class BaseDataModule(L.LightningDataModule):
         self.skips = SkipTracker(strict)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._restored_skips: dict[str, Any] = {}
 
     def skip_counts(self) -> dict[str, int]:
         """reason -> files skipped, over scanning and loading (for the run's metrics)."""
+        self._apply_restored_skips()
         trackers = [self.skips]
         for ds in (self.train_set, self.val_set):
             t = getattr(ds, "skips", None)
@@ -208,14 +213,36 @@ class BaseDataModule(L.LightningDataModule):
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def world(self) -> tuple[int | None, int | None]:
+        """(world size, rank) of the attached trainer, or (None, None) to ask torch.distributed."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None, None
+        return trainer.world_size, trainer.global_rank
+
+    def batch_sampler(self, dataset: Any, train: bool) -> ResumableBatchSampler:
+        """Fixed-size batches, shuffled per (seed, epoch) when training."""
+        world, rank = self.world()
+        return EpochBatchSampler(
+            None,
+            num_items=len(dataset),
             batch_size=self.batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            drop_last=train and len(dataset) > self.batch_size,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """Training: a `ResumableDataLoader` (exact resume of order and position); evaluation: a plain
+        DataLoader. Both carry their own generator, so loading never draws from the global RNG."""
+        cls = ResumableDataLoader if train else DataLoader
+        return cls(
+            dataset,
+            batch_sampler=self.batch_sampler(dataset, train),
             collate_fn=self.collate_fn,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed),
             **self.loader_kwargs(),
         )
 
@@ -223,14 +250,56 @@ class BaseDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
+        self._apply_restored_skips()
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None and self.train_set is None:
             self.setup("fit")
+        self._apply_restored_skips()
         if self.val_set is None or len(self.val_set) == 0:  # type: ignore[arg-type]
             return []
         return self._loader(self.val_set, train=False)
+
+    # -- checkpoint state (LightningDataModule.state_dict / load_state_dict) ------------------------
+    # The loader's position lives in the fit loop's state (see `resumable.py`); the module keeps the
+    # files found broken while decoding, so a resumed run neither re-reads them nor loses the count.
+
+    def state_dict(self) -> dict[str, Any]:
+        self._apply_restored_skips()
+        skipped: dict[str, list[list[str]]] = {}
+        for split, ds in (("train", self.train_set), ("val", self.val_set)):
+            tracker, name = getattr(ds, "skips", None), getattr(ds, "name", None)
+            if tracker is None or name is None or not len(tracker.item_codes):
+                continue
+            codes = tracker.item_codes
+            hits = torch.nonzero(codes).flatten().tolist()
+            skipped[split] = [[name(i), SKIP_REASONS[int(codes[i]) - 1]] for i in hits]
+        return {"version": 1, "skipped_items": skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_skips = dict(state_dict.get("skipped_items") or {})
+        self._apply_restored_skips()
+
+    def _apply_restored_skips(self) -> None:
+        pending = getattr(self, "_restored_skips", None)
+        if not pending:
+            return
+        for split, ds in (("train", self.train_set), ("val", self.val_set)):
+            entries = pending.get(split)
+            tracker, name = getattr(ds, "skips", None), getattr(ds, "name", None)
+            if not entries or tracker is None or name is None or not len(tracker.item_codes):
+                continue
+            reasons = {n: r for n, r in entries}
+            restored = 0
+            for i in range(len(tracker.item_codes)):
+                reason = reasons.get(name(i))
+                if reason in SKIP_REASONS and int(tracker.item_codes[i]) == 0:
+                    tracker.item_codes[i] = SKIP_REASONS.index(reason) + 1
+                    restored += 1
+            if restored:
+                log.info("data: %d %s files skipped before the checkpoint stay skipped", restored, split)
+            pending.pop(split)
 
 
 class SafeDataset(Dataset):

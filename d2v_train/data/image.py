@@ -34,6 +34,8 @@ from d2v_train.data.common import (
     progress,
     seeded_split,
 )
+from d2v_train.data.resumable import cpu_rng_restored, seed_cpu_rng
+from d2v_train.data.samplers import mix_seed
 
 log = logging.getLogger("d2v_train.data")
 
@@ -129,6 +131,11 @@ class ImageItem:
 
 
 class ImageDataset(SafeDataset):
+    """Decoded, transformed images. torchvision's random augmentations take no generator, so for each
+    item the global CPU generator is reseeded from the batch's seed (`IndexBatch.seed`) and the item's
+    index, and put back after the batch: augmentations are the same with any number of workers and
+    after a resume, and the caller's (or worker's) random stream is left as it was."""
+
     def __init__(
         self,
         items: list[ImageItem],
@@ -145,6 +152,7 @@ class ImageDataset(SafeDataset):
         self.rows = rows
         self.image_column = image_column
         self.class_index = class_index
+        self._batch_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -152,8 +160,21 @@ class ImageDataset(SafeDataset):
     def name(self, index: int) -> str:
         return self.items[index].name
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        seed = getattr(indices, "seed", None)
+        if seed is None:  # plain index lists: the global RNG, as torchvision does
+            return super().__getitems__(indices)
+        with cpu_rng_restored():
+            self._batch_seed = int(seed)
+            try:
+                return super().__getitems__(indices)
+            finally:
+                self._batch_seed = None
+
     def load(self, index: int) -> dict[str, Any]:
         item = self.items[index]
+        if self._batch_seed is not None:  # torchvision v2 transforms draw from the global CPU RNG
+            seed_cpu_rng(mix_seed(self._batch_seed, index))
         out: dict[str, Any] = {"inputs": self.transform(load_rgb(image_source(item, self.rows, self.image_column)))}
         if self.class_index is not None:
             out["labels"] = self.class_index[item.label]  # type: ignore[index]

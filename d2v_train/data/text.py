@@ -69,11 +69,11 @@ class TokenBlocks(Dataset):
     """Token sequences (and optional labels) stored in a memory-mapped `datasets` table."""
 
     def __init__(self, table: Any) -> None:
-        self.table = table.with_format("numpy")
-        self.has_labels = "labels" in table.column_names
+        self.table = None if table is None else table.with_format("numpy")  # None: an empty split
+        self.has_labels = table is not None and "labels" in table.column_names
 
     def __len__(self) -> int:
-        return len(self.table)
+        return 0 if self.table is None else len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.table[int(index)]
@@ -326,8 +326,14 @@ class TextDataModule(BaseDataModule):
             raise DataError(f"{name}: {reason}: {detail} (data.strict=true turns skips into errors)")
         self._scan_skips = meta["skips"] if not self.skips.counts() else {}
         self.classes = meta["classes"]
-        self.train_set = TokenBlocks(datasets.load_from_disk(str(out / "train")))
-        self.val_set = TokenBlocks(datasets.load_from_disk(str(out / "val")))
+        def split(name: str) -> TokenBlocks:
+            state = json.loads((out / name / "state.json").read_text())
+            if not state.get("_data_files"):  # a 0-row split: `datasets` cannot reload it
+                return TokenBlocks(None)
+            return TokenBlocks(datasets.load_from_disk(str(out / name)))
+
+        self.train_set = split("train")
+        self.val_set = split("val")
         log.info("text: %d train / %d val sequences of <= %d tokens (%s)", len(self.train_set), len(self.val_set), self.max_length, out)
 
     # -- loaders ---------------------------------------------------------------------------------
