@@ -301,7 +301,8 @@ class TransformerStack(nn.Module):
     ) -> None:
         super().__init__()
         self.layerdrop = layerdrop
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist() if num_layers else []
+        # linear 0 -> drop_path_rate, computed in Python so the stack also builds on the meta device
+        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_dim, drop_path=rate, **block_kwargs) for rate in rates
         )

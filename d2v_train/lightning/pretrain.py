@@ -1,0 +1,270 @@
+"""``Data2VecPretraining``: one LightningModule for data2vec pretraining in every modality.
+
+What differs per modality is only (a) how the student input is masked (token ids for text, token
+embeddings for audio and vision) and (b) what the teacher reads (``objective.teacher_input``); the
+rest (EMA teacher, top-K targets, head, loss, logging) is shared.
+
+Step:
+1. mask: text -> ``mask_tokens`` on ids (loss on ``<mask>`` positions); audio / vision -> a mask over
+   the embedded tokens (``compute_mask``), drawn from a generator seeded by (seed, update, micro-batch,
+   rank), so a resumed run draws the same masks.
+2. student: masked input -> final hidden states -> head, at masked positions.
+3. teacher (eval mode, no grad, on the *unmasked* input: the full clean sentence for text, the
+   student's unmasked CNN features for audio, the clean image for vision) -> top-K block tensors ->
+   ``build_targets`` (fp32).
+4. loss over the masked positions of all ranks; EMA step once per optimizer update
+   (``on_train_batch_end`` checks that ``global_step`` advanced, so gradient accumulation does not
+   multiply EMA steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Mapping, Optional
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from d2v_train.objective.config import ObjectiveConfig
+from d2v_train.objective.decoder import RegressionHead
+from d2v_train.objective.ema import EMATeacher, ema_decay_at
+from d2v_train.objective.loss import all_reduce_sum, global_std, masked_regression_loss
+from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
+from d2v_train.objective.targets import build_targets
+
+from .optim import OptimConfig, build_optimizer
+
+__all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
+
+TEXT_SPECIAL_KEYS = ("pad", "bos", "eos", "mask", "unk")
+
+
+def _as(cls: Any, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(dict(value))
+    return cls(**dict(value))
+
+
+class Data2VecPretraining(L.LightningModule):
+    """data2vec v1 pretraining of ``encoder`` (any ``d2v_train.models`` encoder).
+
+    Args:
+        encoder: the student encoder; the teacher is its EMA copy.
+        objective: ``ObjectiveConfig`` (or its fields).
+        masking: ``MaskingConfig`` (or its fields).
+        optim: ``OptimConfig`` (or its fields).
+        special_token_ids: text only: ids of ``pad``, ``bos``, ``eos``, ``mask`` (``unk`` optional);
+            they are never masked and ``mask`` is the replacement id.
+        vocab_size: text only (defaults to the encoder's): random replacements draw from it.
+        seed: mixes into every mask generator.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        objective: ObjectiveConfig | Mapping[str, Any] | None = None,
+        masking: MaskingConfig | Mapping[str, Any] | None = None,
+        optim: OptimConfig | Mapping[str, Any] | None = None,
+        special_token_ids: Optional[Mapping[str, int]] = None,
+        vocab_size: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.objective = _as(ObjectiveConfig, objective)
+        self.masking = _as(MaskingConfig, masking)
+        self.optim = _as(OptimConfig, optim)
+        self.modality: str = getattr(encoder, "modality")
+        self.seed = int(seed)
+        enc_cfg = getattr(encoder, "config", None)
+        self.save_hyperparameters(
+            {
+                "modality": self.modality,
+                "encoder": enc_cfg.to_dict() if hasattr(enc_cfg, "to_dict") else None,
+                "objective": self.objective.to_dict(),
+                "masking": asdict(self.masking),
+                "optim": asdict(self.optim),
+                "special_token_ids": dict(special_token_ids) if special_token_ids else None,
+                "vocab_size": vocab_size,
+                "seed": self.seed,
+            }
+        )
+        if self.modality == "text":
+            if self.masking.kind != "token":
+                raise ValueError(f"text pretraining masks token ids: masking.kind must be 'token', got {self.masking.kind!r}")
+            if not special_token_ids or "mask" not in special_token_ids:
+                raise ValueError("text pretraining needs special_token_ids with at least 'mask' (and pad/bos/eos)")
+            vocab = int(vocab_size if vocab_size is not None else encoder.config.vocab_size)
+            specials = torch.tensor(sorted({int(v) for v in special_token_ids.values() if v is not None and v >= 0}))
+            ids = torch.arange(vocab)
+            self.register_buffer("special_ids", specials, persistent=False)
+            self.register_buffer("random_token_ids", ids[~torch.isin(ids, specials)], persistent=False)
+            self.mask_id = int(special_token_ids["mask"])
+            self.pad_id = special_token_ids.get("pad")
+        elif self.masking.kind == "token":
+            raise ValueError(f"masking.kind='token' is for text, not {self.modality}")
+        if self.objective.teacher_input == "embed" and self.modality == "text":
+            raise ValueError("objective.teacher_input='embed' is not used for text: the teacher reads the full clean sentence")
+
+        self.student = encoder
+        dim = int(encoder.config.hidden_size)
+        self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
+        ema = self.objective.ema
+        self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
+        self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
+        self._ema_last_step = -1
+        self.last_stats: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def ema_decay(self, step: Optional[int] = None) -> float:
+        """Teacher decay after ``step`` optimizer updates (default: the current one)."""
+        e = self.objective.ema
+        step = self.global_step if step is None else step
+        return ema_decay_at(step, e.decay, e.end_decay, e.anneal_steps)
+
+    def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """Generator for this update / micro-batch / rank: same seed -> same masks, also after resume."""
+        rank = self.global_rank if self._trainer is not None else 0
+        step = self.global_step if self._trainer is not None else 0
+        key = hash((self.seed, step, batch_idx, rank)) & ((1 << 62) - 1)
+        return torch.Generator(device=device).manual_seed(key)
+
+    def _grid(self, num_tokens: int) -> Optional[tuple[int, int]]:
+        infer = getattr(self.student, "infer_grid", None)
+        return tuple(infer(num_tokens)) if infer is not None else None  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ objective
+    def compute_objective(
+        self, inputs: Tensor, padding_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+    ) -> dict[str, Tensor]:
+        """Masks, runs student and teacher, returns ``loss`` (for backward) and detached stats."""
+        obj = self.objective
+        if generator is None:
+            generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        if self.modality == "text":
+            pad = padding_mask
+            if pad is None and self.pad_id is not None:
+                pad = inputs == int(self.pad_id)
+            maskable = ~torch.isin(inputs, self.special_ids)
+            if pad is not None:
+                maskable &= ~pad
+            m = self.masking
+            tm = mask_tokens(
+                inputs,
+                mask_id=self.mask_id,
+                maskable=maskable,
+                random_token_ids=self.random_token_ids,
+                mask_prob=m.mask_prob,
+                mask_length=m.mask_length,
+                min_masks=m.min_masks,
+                leave_unmasked_prob=m.leave_unmasked_prob,
+                random_token_prob=m.random_token_prob,
+                generator=generator,
+            )
+            student_out = self.student(tm.input_ids, padding_mask=pad)
+            mask, token_pad, valid_tokens = tm.loss_mask, pad, maskable
+            with torch.no_grad():
+                teacher_out = self.teacher.model(inputs, padding_mask=pad, layer_targets=obj.layer_targets)
+        else:
+            tokens, token_pad = self.student.embed(inputs, padding_mask)
+            shape = (tokens.shape[0], tokens.shape[1])
+            mask = compute_mask(
+                self.masking, shape, grid=self._grid(shape[1]), padding_mask=token_pad,
+                generator=generator, device=tokens.device,
+            )
+            student_out = self.student.contextualize(tokens, token_pad, mask=mask)
+            valid_tokens = ~token_pad if token_pad is not None else torch.ones_like(mask)
+            with torch.no_grad():
+                if obj.teacher_input == "embed":  # audio: the teacher reuses the student's CNN features
+                    teacher_out = self.teacher.model.contextualize(
+                        tokens.detach(), token_pad, layer_targets=obj.layer_targets
+                    )
+                else:
+                    teacher_out = self.teacher.model(inputs, padding_mask=padding_mask, layer_targets=obj.layer_targets)
+
+        with torch.no_grad():
+            layers = [y[:, self.num_prefix :] for y in teacher_out.layer_targets]
+            targets = build_targets(
+                layers, obj.top_k, layer_norm=obj.layer_norm, final_norm=obj.final_norm, padding_mask=token_pad
+            )
+        x = student_out.last_hidden_state[:, self.num_prefix :]
+        pred = self.head(x[mask])
+        target = targets[mask]
+        res = masked_regression_loss(
+            pred,
+            target,
+            loss_beta=obj.loss_beta,
+            loss_scale=obj.loss_scale,
+            channel_reduction=obj.channel_reduction,
+        )
+        valid = all_reduce_sum(valid_tokens.sum().float())
+        return {
+            "loss": res.loss,
+            "global_loss": res.global_loss,
+            "local_sum": res.local_sum,
+            "local_count": mask.sum(),
+            "masked": res.count,
+            "tokens": valid,
+            "mask_frac": res.count / valid.clamp(min=1.0),
+            "target_std": global_std(target),
+            "pred_std": global_std(pred),
+            "mask": mask,
+        }
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        inputs = batch["inputs"]
+        out = self.compute_objective(
+            inputs, batch.get("padding_mask"), self.mask_generator(inputs.device, batch_idx)
+        )
+        bsz = int(inputs.shape[0])
+        # detached tensors (no host sync here); callbacks convert what they need
+        self.last_stats = {
+            "loss": out["global_loss"],
+            "target_std": out["target_std"],
+            "pred_std": out["pred_std"],
+            "samples": all_reduce_sum(torch.tensor(float(bsz), device=inputs.device)),
+            "tokens": out["tokens"],
+            "masked": out["masked"],
+            "local_sum": out["local_sum"],
+            "local_count": out["local_count"],
+        }
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        log = dict(on_step=True, on_epoch=False, batch_size=bsz, rank_zero_only=True)
+        self.log("train/loss", out["global_loss"], prog_bar=True, **log)
+        self.log("train/target_std", out["target_std"], **log)
+        self.log("train/pred_std", out["pred_std"], **log)
+        self.log("train/mask_frac", out["mask_frac"], **log)
+        self.log("train/ema_decay", self.ema_decay(), **log)
+        if opt is not None:
+            self.log("train/lr", opt.param_groups[0]["lr"], **log)
+        return out["loss"]
+
+    def on_train_start(self) -> None:
+        self._ema_last_step = self.global_step
+        self.teacher.eval()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """One EMA step per optimizer update (never per micro-batch)."""
+        step = self.global_step
+        if step > self._ema_last_step:
+            self.teacher.step(self.student, self.ema_decay(step))
+            self._ema_last_step = step
+
+    def configure_optimizers(self) -> Any:
+        total = self.optim.total_steps
+        if total is None:
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            total = max_steps if max_steps and max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        opt, sched = build_optimizer({"student": self.student, "head": self.head}, self.optim, int(total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["d2v_ema_last_step"] = self._ema_last_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._ema_last_step = int(checkpoint.get("d2v_ema_last_step", -1))

@@ -1,0 +1,46 @@
+"""The data2vec objective, independent of Lightning: masks, EMA teacher, targets, head and loss."""
+
+from .decoder import RegressionHead, build_head
+from .ema import EMATeacher, ema_decay_at
+from .loss import all_reduce_sum, global_std, masked_regression_loss, regression_loss, world_size
+from .masking import (
+    MaskingConfig,
+    TokenMaskOutput,
+    block_mask_1d,
+    block_mask_2d,
+    compute_mask,
+    exact_count_mask,
+    inverse_block_mask_2d,
+    mask_tokens,
+    random_mask,
+    span_mask,
+)
+from .targets import NORMS, batch_norm, build_targets, instance_norm, layer_norm, normalize
+
+__all__ = [
+    "EMATeacher",
+    "MaskingConfig",
+    "NORMS",
+    "RegressionHead",
+    "TokenMaskOutput",
+    "all_reduce_sum",
+    "batch_norm",
+    "block_mask_1d",
+    "block_mask_2d",
+    "build_head",
+    "build_targets",
+    "compute_mask",
+    "ema_decay_at",
+    "exact_count_mask",
+    "global_std",
+    "instance_norm",
+    "inverse_block_mask_2d",
+    "layer_norm",
+    "mask_tokens",
+    "masked_regression_loss",
+    "normalize",
+    "random_mask",
+    "regression_loss",
+    "span_mask",
+    "world_size",
+]

@@ -1,0 +1,96 @@
+"""Schemas of the objective config group (``configs/objective/*.yaml``).
+
+Plain dataclasses: Hydra configs are validated against them (unknown keys and bad types fail with
+the key's name), and Python users build them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+__all__ = ["EMAConfig", "ObjectiveConfig"]
+
+
+@dataclass
+class EMAConfig:
+    """Teacher decay schedule and which student parts are averaged, copied or shared.
+
+    decay -> end_decay linearly over ``anneal_steps`` optimizer updates, then constant.
+    copy: parameter-name prefixes copied from the student each update (reference ``skip_keys``).
+    share: prefixes whose *outputs* the teacher takes from the student (audio CNN + projection).
+    """
+
+    decay: float = 0.999
+    end_decay: float = 0.9999
+    anneal_steps: int = 30000
+    copy: list[str] = field(default_factory=list)
+    share: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ObjectiveConfig:
+    """One data2vec objective (defaults: v1 audio base, ``configs/objective/d2v1_audio.yaml``).
+
+    layer_targets: ``ffn`` (FFN output before residual; v1 audio/text) or ``block`` (block output; v1 vision).
+    top_k: how many top blocks are averaged into the target.
+    layer_norm / final_norm: parameter-free norm per layer / of the average
+        (``instance``, ``layer``, ``batch``, ``none``).
+    loss_beta: 0 = L2, > 0 = smooth L1 with this beta.
+    loss_scale: multiplier of the per-position loss; null = 1/sqrt(dim).
+    channel_reduction: ``sum`` over channels (fairseq) or ``mean`` (v1 vision / BEiT code).
+    head: ``linear`` or ``mlp`` (text recipe: D -> 2D -> D with GELU).
+    teacher_input: ``embed`` = the teacher contextualises the student's (unmasked) embeddings
+        (audio: shared CNN features); ``raw`` = the teacher embeds the clean input itself.
+    min_target_std / min_pred_std / collapse_check_after: stop training when the all-reduced
+        per-dimension std of targets / predictions falls below these after that many updates
+        (0 disables a check).
+    """
+
+    layer_targets: str = "ffn"
+    top_k: int = 8
+    layer_norm: str = "instance"
+    final_norm: str = "none"
+    loss_beta: float = 0.0
+    loss_scale: Optional[float] = None
+    channel_reduction: str = "sum"
+    head: str = "linear"
+    head_hidden_mult: int = 2
+    teacher_input: str = "embed"
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    min_target_std: float = 0.1
+    min_pred_std: float = 0.01
+    collapse_check_after: int = 5000
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
+        values = dict(values)
+        ema = values.pop("ema", None)
+        cfg = cls(**values)
+        if ema is not None:
+            cfg.ema = ema if isinstance(ema, EMAConfig) else EMAConfig(**dict(ema))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        choices = {
+            "layer_targets": ("ffn", "block"),
+            "layer_norm": ("instance", "layer", "batch", "none"),
+            "final_norm": ("instance", "layer", "batch", "none"),
+            "channel_reduction": ("sum", "mean"),
+            "head": ("linear", "mlp"),
+            "teacher_input": ("embed", "raw"),
+        }
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(
+                    f"bad value for 'objective.{key}': {getattr(self, key)!r}; valid choices: {', '.join(valid)}"
+                )
+        if self.top_k < 1:
+            raise ValueError(f"objective.top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.ema.decay <= 1.0 or not 0.0 <= self.ema.end_decay <= 1.0:
+            raise ValueError("objective.ema.decay and end_decay must lie in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,168 @@
+"""``d2v-pretrain`` / ``python -m d2v_train.pretrain``: data2vec pretraining as a Hydra app.
+
+    d2v-pretrain                                  # tiny ViT on the bundled digits, CPU, ~1 minute
+    d2v-pretrain modality=audio trainer.max_steps=100
+    d2v-pretrain experiment=vision_base_imagenet data.path=/data/imagenet/train
+
+The run directory (``hydra.run.dir``) receives ``config.yaml`` (resolved), ``metrics.csv`` and
+``checkpoints/last.ckpt``. ``train(cfg)`` is the whole run and is usable from Python and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+
+__all__ = ["main", "train", "build", "validate_config"]
+
+log = logging.getLogger("d2v_train.pretrain")
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Schema checks for the objective, masking, optim, trainer and encoder nodes (raises ConfigError)."""
+    from d2v_train.lightning.optim import OptimConfig
+    from d2v_train.objective.config import ObjectiveConfig
+    from d2v_train.objective.masking import MASK_KINDS, MaskingConfig
+
+    modality = cfg.get("modality")
+    if modality not in ("audio", "text", "vision"):
+        raise ConfigError(f"bad value for 'modality': {modality!r}; valid choices: audio, text, vision")
+    for key, schema in (("objective", ObjectiveConfig), ("masking", MaskingConfig), ("optim", OptimConfig)):
+        node = cfg.get(key)
+        if node is None:
+            raise ConfigError(f"missing config group '{key}'")
+        check_fields(OmegaConf.to_container(node, resolve=False), schema, key)  # type: ignore[arg-type]
+    try:
+        ObjectiveConfig.from_dict(OmegaConf.to_container(cfg.objective, resolve=True))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    kind = cfg.masking.get("kind")
+    valid = ("token",) if modality == "text" else tuple(k for k in MASK_KINDS if k != "token")
+    if kind not in valid:
+        raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality}: {', '.join(valid)}")
+    check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
+    from d2v_train.models import ENCODERS
+
+    _, enc_cls = ENCODERS[modality]
+    check_fields(OmegaConf.to_container(cfg.encoder, resolve=False), enc_cls, "encoder")  # type: ignore[arg-type]
+
+
+def _instantiate_named(node: Any) -> list[Any]:
+    """Instantiate every non-null entry of a ``name: {_target_: ...}`` mapping, in order."""
+    from hydra.utils import instantiate
+
+    if node is None:
+        return []
+    return [instantiate(v) for v in node.values() if v is not None]
+
+
+def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
+    """(LightningModule, LightningDataModule, Trainer) from a composed config."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    from d2v_train.lightning.loggers import RunCSVLogger
+    from d2v_train.lightning.pretrain import Data2VecPretraining
+    from d2v_train.models import build_encoder
+
+    modality = cfg.modality
+    if datamodule is None:
+        try:
+            datamodule = instantiate(cfg.data)
+        except Exception as e:  # bad data options: one clear line
+            raise ConfigError(f"data: {e.__cause__ or e}") from None
+    enc_cfg = dict(_container(cfg.encoder))
+    special: Optional[dict[str, int]] = None
+    vocab_size: Optional[int] = None
+    if modality == "text":
+        # the tokenizer decides the vocabulary and the special ids; the encoder follows it
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        special = dict(datamodule.special_token_ids)
+        vocab_size = int(datamodule.vocab_size)
+        enc_cfg["vocab_size"] = vocab_size
+        for key in ("pad", "bos", "eos"):
+            if special.get(key) is not None:
+                enc_cfg[f"{key}_token_id"] = int(special[key])
+    try:
+        encoder = build_encoder(modality, enc_cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"encoder: {e}") from None
+    model = Data2VecPretraining(
+        encoder,
+        objective=_container(cfg.objective),
+        masking=_container(cfg.masking),
+        optim=_container(cfg.optim),
+        special_token_ids=special,
+        vocab_size=vocab_size,
+        seed=int(cfg.seed),
+    )
+
+    loggers = _instantiate_named(cfg.get("logger"))
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):  # metrics.csv is always written
+        loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
+    callbacks = _instantiate_named(cfg.get("callbacks"))
+    trainer = L.Trainer(**_container(cfg.trainer), logger=loggers, callbacks=callbacks)
+    return model, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """The whole run: seed, build, write the resolved config, fit, save ``checkpoints/last.ckpt``."""
+    import lightning as L
+
+    from d2v_train.lightning.callbacks import TrainingCollapsedError
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"missing value for '{key}': set it on the command line ({key}=...)")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the teacher, on purpose
+    warnings.filterwarnings("ignore", message=r".*val_dataloader.*no `validation_step`.*")
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir = Path(str(cfg.run_dir))
+    model, datamodule, trainer = build(cfg)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    start = time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except TrainingCollapsedError as e:
+        raise UserError(f"stopped: {e}") from None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not getattr(trainer, "interrupted", False):
+        # the final state: ModelCheckpoint skips it once any earlier `last` was written mid-run
+        trainer.save_checkpoint(str(last), weights_only=False)
+    wall = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    metrics["wall_s"] = wall
+    metrics["global_step"] = float(trainer.global_step)
+    if trainer.is_global_zero:
+        loss = metrics.get("train/loss")
+        print(
+            f"d2v-pretrain: done: {trainer.global_step} updates in {wall:.1f} s"
+            + (f", final loss {loss:.4f}" if loss is not None else "")
+            + f"; run dir {run_dir} (config.yaml, metrics.csv, checkpoints/last.ckpt)"
+        )
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> Any:
+    """Console entry point ``d2v-pretrain``."""
+    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

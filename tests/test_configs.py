@@ -1,0 +1,129 @@
+"""Every config in configs/ (except configs/data, owned by the data layer) composes, validates and
+instantiates (Hydra compose API). Base/large encoders are checked down to their config dataclass
+(building them would take seconds and gigabytes); tiny ones are built into a full module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from d2v_train.cli import config_dir
+from d2v_train.lightning import Data2VecPretraining
+from d2v_train.models import ENCODERS, build_encoder
+from d2v_train.objective.config import ObjectiveConfig
+from d2v_train.pretrain import validate_config
+
+CONFIGS = Path(config_dir())
+# groups shared with the fine-tuning app: only the pretraining options are checked here
+SHARED = {"optim": ["adamw"], "callbacks": ["default", "none"]}
+
+
+def options(group: str) -> list[str]:
+    if group in SHARED:
+        return SHARED[group]
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path, hydra_cfg: bool = False) -> Any:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"run_dir={tmp_path}", *overrides], return_hydra_config=hydra_cfg)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def modality_of(group: str, option: str) -> str | None:
+    for m in ("audio", "text", "vision"):
+        if option.startswith(m) or option.endswith(m) or option.startswith(f"d2v1_{m}"):
+            return m
+    return None
+
+
+@pytest.mark.parametrize("group", ["modality", "encoder", "masking", "objective", "optim"])
+def test_group_options_compose_and_validate(group: str, tmp_path: Path) -> None:
+    for option in options(group):
+        m = option if group == "modality" else modality_of(group, option)
+        overrides = [f"modality={m}"] if m and group != "modality" else []
+        cfg = compose_cfg([*overrides, f"{group}={option}"], tmp_path)
+        validate_config(cfg)
+        enc_cls = ENCODERS[cfg.modality][1]
+        enc_cls.from_dict(OmegaConf.to_container(cfg.encoder, resolve=True))  # type: ignore[arg-type]
+        ObjectiveConfig.from_dict(OmegaConf.to_container(cfg.objective, resolve=True))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("modality", ["vision", "audio", "text"])
+def test_modality_defaults_instantiate_a_full_module(modality: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"modality={modality}"], tmp_path)
+    validate_config(cfg)
+    assert cfg.modality == modality and cfg.objective.layer_targets in ("ffn", "block")
+    enc = build_encoder(modality, OmegaConf.to_container(cfg.encoder, resolve=True))  # type: ignore[arg-type]
+    special = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4} if modality == "text" else None
+    model = Data2VecPretraining(
+        enc,
+        objective=OmegaConf.to_container(cfg.objective, resolve=True),  # type: ignore[arg-type]
+        masking=OmegaConf.to_container(cfg.masking, resolve=True),  # type: ignore[arg-type]
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),  # type: ignore[arg-type]
+        special_token_ids=special,
+    )
+    assert model.objective.top_k <= enc.config.num_hidden_layers
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data["_target_"].startswith("d2v_train.data.")  # type: ignore[index]
+    dm = instantiate(cfg.data)
+    assert getattr(dm, "modality", modality) == modality
+
+
+def test_experiments_compose_with_reference_values(tmp_path: Path) -> None:
+    for option in options("experiment"):
+        cfg = compose_cfg([f"experiment={option}", "data.path=/nonexistent"], tmp_path)
+        validate_config(cfg)
+        ENCODERS[cfg.modality][1].from_dict(OmegaConf.to_container(cfg.encoder, resolve=True))  # type: ignore[arg-type]
+        # the modality file's tiny-run tweaks must not leak into a published recipe
+        preset = OmegaConf.load(CONFIGS / "objective" / f"d2v1_{cfg.modality}.yaml")
+        assert OmegaConf.to_container(cfg.objective) == OmegaConf.to_container(preset), option
+        masking = OmegaConf.load(CONFIGS / "masking" / f"{cfg.modality}.yaml")
+        for k, v in masking.items():
+            if not (option.startswith("vision") and k == "num_mask_patches") and option != "text_base":
+                assert cfg.masking[k] == v, (option, k)
+        assert cfg.trainer.num_nodes * cfg.trainer.devices == 16
+        instantiate(cfg.data)
+    vis = compose_cfg(["experiment=vision_base_imagenet", "data.path=/x"], tmp_path)
+    assert vis.masking.num_mask_patches == 120 and vis.encoder.image_size == 224
+    aud = compose_cfg(["experiment=audio_base_librispeech", "data.path=/x"], tmp_path)
+    assert aud.optim.scheduler == "tri_stage" and aud.trainer.max_steps == 400000
+    assert aud.objective.ema.anneal_steps == 30000 and aud.masking.mask_length == 10
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_configs_instantiate(option: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"trainer={option}"], tmp_path)
+    validate_config(cfg)
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(kwargs, dict)
+    if kwargs["accelerator"] == "gpu":  # no GPU here: same arguments on CPU
+        kwargs.update(accelerator="cpu", devices=1)
+        if kwargs["precision"] == "16-mixed":
+            kwargs["precision"] = "bf16-mixed"
+    if "spawn" in str(kwargs["strategy"]):
+        kwargs["devices"] = 1
+    L.Trainer(**kwargs, logger=False, enable_checkpointing=False)
+
+
+def test_loggers_callbacks_and_launcher(tmp_path: Path) -> None:
+    for option in options("logger"):
+        cfg = compose_cfg([f"logger={option}"], tmp_path)
+        loggers = [instantiate(v) for v in cfg.logger.values()]
+        assert type(loggers[0]).__name__ == "RunCSVLogger"  # metrics.csv always
+    for option in options("callbacks"):
+        cfg = compose_cfg([f"callbacks={option}"], tmp_path)
+        [instantiate(v) for v in cfg.callbacks.values() if v is not None]
+    cfg = compose_cfg(["hydra/launcher=submitit_slurm"], tmp_path, hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node and launcher.max_num_timeout > 0

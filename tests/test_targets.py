@@ -1,0 +1,71 @@
+"""Targets: parameter-free norms, top-K averaging, padding-aware statistics, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v_train.objective.targets import batch_norm, build_targets, instance_norm, layer_norm, normalize
+
+
+def test_instance_norm_matches_torch_without_padding() -> None:
+    x = torch.randn(3, 7, 5)
+    ref = F.instance_norm(x.transpose(1, 2), eps=1e-5).transpose(1, 2)
+    torch.testing.assert_close(instance_norm(x), ref)
+
+
+def test_instance_norm_hand_computed_with_padding() -> None:
+    # one sample, one channel, time [1, 3, 100(pad)]: mean 2, biased var 1 over valid steps
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    pad = torch.tensor([[False, False, True]])
+    y = instance_norm(x, pad)
+    expected = torch.tensor([[[-1.0], [1.0], [0.0]]]) / torch.sqrt(torch.tensor(1.0 + 1e-5))
+    torch.testing.assert_close(y, expected)
+    # the valid part equals instance norm of the unpadded sequence
+    x2 = torch.randn(2, 9, 4)
+    pad2 = torch.zeros(2, 9, dtype=torch.bool)
+    pad2[1, 6:] = True
+    y2 = instance_norm(x2, pad2)
+    torch.testing.assert_close(y2[1, :6], instance_norm(x2[1:, :6])[0])
+    torch.testing.assert_close(y2[0], instance_norm(x2[:1])[0])
+
+
+def test_layer_and_batch_norm() -> None:
+    x = torch.randn(2, 4, 6)
+    torch.testing.assert_close(layer_norm(x), F.layer_norm(x, (6,), eps=1e-5))
+    ref = F.batch_norm(x.reshape(-1, 6), None, None, training=True, eps=1e-5).reshape(2, 4, 6)
+    torch.testing.assert_close(batch_norm(x), ref)
+    pad = torch.zeros(2, 4, dtype=torch.bool)
+    pad[0, 3] = True
+    y = batch_norm(x, pad)
+    valid = x[~pad]
+    torch.testing.assert_close(y[~pad], F.batch_norm(valid, None, None, training=True, eps=1e-5))
+
+
+def test_build_targets_top_k_average_hand_computed() -> None:
+    # three "layers" of shape (1, 2, 2); top-2 with no per-layer norm = mean of the last two
+    layers = [torch.full((1, 2, 2), v) for v in (10.0, 1.0, 3.0)]
+    t = build_targets(layers, 2, layer_norm="none", final_norm="none")
+    torch.testing.assert_close(t, torch.full((1, 2, 2), 2.0))
+    # layer norm after averaging: [[1, 3]] -> [-1, 1] / sqrt(1 + eps)
+    layers = [torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[1.0, 3.0]]])]
+    t = build_targets(layers, 2, layer_norm="none", final_norm="layer")
+    torch.testing.assert_close(t, torch.tensor([[[-1.0, 1.0]]]) / torch.sqrt(torch.tensor(1 + 1e-5)))
+
+
+def test_build_targets_normalises_each_layer_before_averaging_in_fp32() -> None:
+    a = torch.randn(2, 5, 3, dtype=torch.bfloat16)
+    b = (torch.randn(2, 5, 3) * 100).to(torch.bfloat16)
+    t = build_targets([a, b], 2, layer_norm="instance")
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(t, (instance_norm(a.float()) + instance_norm(b.float())) / 2)
+    # scale of one layer does not dominate: each normalised layer has unit variance over time
+    assert torch.allclose(normalize(b, "instance").var(1, unbiased=False), torch.ones(2, 3), atol=1e-3)
+
+
+def test_build_targets_rejects_bad_args() -> None:
+    with pytest.raises(ValueError):
+        build_targets([torch.zeros(1, 1, 1)], 2)
+    with pytest.raises(ValueError):
+        normalize(torch.zeros(1, 1, 1), "group")
