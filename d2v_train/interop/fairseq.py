@@ -329,4 +329,4 @@ def load_fairseq(path: Union[str, Path], modality: Optional[str] = None, **overr
     check_state(encoder.state_dict(), state, f"{path} ({modality} encoder inferred from its shapes)")
     encoder.load_state_dict(state)
     log.info("loaded %s encoder from %s (%d tensors)", modality, path, len(state))
-    return encoder
+    return encoder.eval()

@@ -56,6 +56,25 @@ def load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def torch_load_safely(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
+
+    A file that needs more is refused with a message saying why, not a bare unpickling trace.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load: the pickle holds objects beyond tensors and plain containers, "
+            f"and loading it could execute code ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch file ({err})") from None
+
+
 def load_weights(path: Path) -> dict[str, Tensor]:
     """Loads a ``.safetensors`` file, or a PyTorch pickle with ``weights_only=True``.
 
@@ -70,15 +89,7 @@ def load_weights(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: refused to load: the pickle holds objects beyond tensors and plain containers, "
-            f"and loading it could execute code ({str(err).splitlines()[0]})"
-        ) from None
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch weight file ({err})") from None
+    state = torch_load_safely(path)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a flat mapping of names to tensors")
     return state

@@ -44,4 +44,4 @@ def load_encoder(path: Union[str, Path]) -> Encoder:
     state = load_weights(directory / "encoder.safetensors")
     check_state(encoder.state_dict(), state, str(directory / "encoder.safetensors"))
     encoder.load_state_dict(state)
-    return encoder
+    return encoder.eval()  # like transformers' from_pretrained: ready for inference

@@ -99,7 +99,7 @@ def read_transformers_dir(path: Union[str, Path]) -> tuple[str, dict[str, Any], 
 
 
 def load_transformers(path: Union[str, Path], *, ignore_head: bool = False) -> Encoder:
-    """Our encoder for a transformers Data2Vec{Audio,Text,Vision} directory, weights loaded.
+    """Our encoder (in eval mode) for a transformers Data2Vec{Audio,Text,Vision} directory.
 
     Every encoder weight must be consumed and match in shape. Task-head weights (``lm_head``,
     ``classifier``, ...) are refused unless ``ignore_head=True``, so nothing is dropped silently.
@@ -121,7 +121,7 @@ def load_transformers(path: Union[str, Path], *, ignore_head: bool = False) -> E
     state = keymaps.from_transformers(modality, base, expected)
     encoder.load_state_dict(state, strict=True)
     log.info("loaded %s encoder (%d tensors) from %s", modality, len(state), directory)
-    return encoder
+    return encoder.eval()  # like transformers' from_pretrained: ready for inference
 
 
 def encoder_to_transformers(encoder: nn.Module, architecture: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:

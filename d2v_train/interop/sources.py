@@ -1,0 +1,99 @@
+"""Read a model from any source d2v_train accepts, telling the kinds apart by their contents.
+
+Sources: a pretraining checkpoint of ``d2v-pretrain`` (Lightning ``.ckpt``), our export directory
+(``encoder.safetensors`` + ``config.json``), a transformers Data2Vec directory (bare or task
+model), and a data2vec v1 file from fairseq or the BEiT-based vision release. Every file is read
+with ``weights_only=True`` or safetensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from torch import nn
+
+from ..models import Encoder, build_encoder
+from .fairseq import load_fairseq
+from .files import check_state, load_json, torch_load_safely
+from .native import FORMAT as NATIVE_FORMAT
+from .native import load_encoder
+from .transformers import BASE_CLASS, load_transformers
+
+SourceKind = Literal["pretraining", "native", "transformers", "transformers-task", "fairseq", "finetuning"]
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a source, with what it is, for messages and export choices."""
+
+    model: nn.Module
+    kind: SourceKind
+    path: Path
+    weights: str = "student"
+
+    @property
+    def encoder(self) -> Encoder:
+        return getattr(self.model, "encoder", self.model)  # task heads hold their encoder
+
+
+def is_lightning_checkpoint(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint
+
+
+def encoder_from_pretraining(checkpoint: dict[str, Any], weights: str = "student", where: str = "checkpoint") -> Encoder:
+    """The student (default) or EMA-teacher encoder of a ``d2v-pretrain`` checkpoint."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "modality" not in hparams or not hparams.get("encoder"):
+        raise ValueError(f"{where}: not a d2v-pretrain checkpoint (hyper_parameters has no modality/encoder)")
+    prefixes = {"student": "student.", "teacher": "teacher.model."}
+    if weights not in prefixes:
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    prefix = prefixes[weights]
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    encoder = build_encoder(hparams["modality"], hparams["encoder"])
+    check_state(encoder.state_dict(), state, f"{where} ({weights} weights)")
+    encoder.load_state_dict(state)
+    return encoder
+
+
+def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head: bool = False) -> LoadedModel:
+    """Reads ``path`` as whichever supported source it is; the error lists them all otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: a model directory needs a config.json")
+        config = load_json(config_file)
+        if config.get("format") == NATIVE_FORMAT:
+            return LoadedModel(load_encoder(path), "native", path)
+        architectures = config.get("architectures") or []
+        if architectures and architectures[0] not in BASE_CLASS.values() and not ignore_head:
+            from .heads import load_transformers_task
+
+            return LoadedModel(load_transformers_task(path), "transformers-task", path)
+        return LoadedModel(load_transformers(path, ignore_head=ignore_head), "transformers", path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or model directory")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path}: pass the directory holding this file and its config.json")
+    checkpoint = torch_load_safely_or_fairseq(path)
+    if checkpoint is None:
+        return LoadedModel(load_fairseq(path), "fairseq", path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "head" in hparams or "task" in hparams:
+        from ..lightning.finetune import model_from_checkpoint  # fine-tuning checkpoints
+
+        return LoadedModel(model_from_checkpoint(checkpoint, where=str(path)), "finetuning", path)
+    return LoadedModel(encoder_from_pretraining(checkpoint, weights, str(path)), "pretraining", path, weights)
+
+
+def torch_load_safely_or_fairseq(path: Path) -> Optional[dict[str, Any]]:
+    """The Lightning checkpoint at ``path``, or None when it is not one (then it is read as fairseq,
+    whose loader allows the config containers fairseq stores)."""
+    try:
+        checkpoint = torch_load_safely(path)
+    except ValueError:
+        return None
+    return checkpoint if is_lightning_checkpoint(checkpoint) else None

@@ -1,0 +1,101 @@
+"""``d2v-export``: pretraining checkpoints and model directories out to transformers and safetensors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import d2v_train
+from d2v_train.cli import ConfigError
+from d2v_train.export import run
+from d2v_train.interop import save_transformers
+from d2v_train.interop.files import torch_load_safely
+from d2v_train.interop.sources import encoder_from_pretraining
+from d2v_train.models import build_encoder
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(tmp_path_factory) -> Path:
+    """A real (tiny, 4-step) d2v-pretrain run's last checkpoint."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "d2v_train.pretrain", f"hydra.run.dir={run_dir}", "trainer.max_steps=4",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def export(checkpoint, output_dir, **kwargs):
+    return run(OmegaConf.create({"checkpoint": str(checkpoint), "output_dir": str(output_dir),
+                                 "format": "hf", "weights": "student", **kwargs}))
+
+
+def test_hf_export_loads_in_transformers_with_same_outputs(pretrain_ckpt, tmp_path, capsys):
+    export(pretrain_ckpt, tmp_path / "hf")
+    printed = capsys.readouterr().out
+    assert "student weights" in printed and "parameters" in printed and "float32" in printed
+    model, info = transformers.Data2VecVisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    names = load_file(str(tmp_path / "hf" / "model.safetensors")).keys()
+    assert not [n for n in names if "teacher" in n or "head" in n or "ema" in n]
+    student = encoder_from_pretraining(torch_load_safely(pretrain_ckpt)).eval()
+    pixels = torch.randn(2, 3, student.config.image_size, student.config.image_size)
+    with torch.no_grad():
+        assert (model.eval()(pixels).last_hidden_state - student(pixels).last_hidden_state).abs().max() <= 1e-5
+
+
+def test_teacher_weights_and_safetensors_format(pretrain_ckpt, tmp_path):
+    export(pretrain_ckpt, tmp_path / "teacher", format="safetensors", weights="teacher")
+    export(pretrain_ckpt, tmp_path / "student", format="safetensors")
+    teacher = d2v_train.load_encoder(tmp_path / "teacher")
+    student = d2v_train.load_encoder(tmp_path / "student")
+    state = torch_load_safely(pretrain_ckpt)["state_dict"]
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, state[f"teacher.model.{name}"])
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, state[f"student.{name}"])
+    differs = [n for n, t in teacher.state_dict().items() if not torch.equal(t, student.state_dict()[n])]
+    assert differs, "after 4 updates the EMA teacher must differ from the student"
+
+
+def test_transformers_directory_converts_to_our_format(tmp_path):
+    encoder = build_encoder("text", dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=8, max_position_embeddings=20)).eval()
+    save_transformers(encoder, tmp_path / "hf")
+    export(tmp_path / "hf", tmp_path / "ours", format="safetensors")
+    ids = torch.randint(3, 30, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(d2v_train.load_encoder(tmp_path / "ours")(ids).last_hidden_state,
+                           encoder(ids).last_hidden_state)
+
+
+def test_bad_requests_are_one_line_errors(pretrain_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        export(tmp_path / "missing.ckpt", tmp_path / "out")
+    encoder = build_encoder("vision", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=8, image_size=8, patch_size=4))
+    save_transformers(encoder, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="weights=teacher needs a d2v-pretrain checkpoint"):
+        export(tmp_path / "hf", tmp_path / "out", weights="teacher")
+
+
+def test_cli_help_lists_formats_and_rejects_unknown_format(pretrain_ckpt, tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "d2v_train.export", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "hf:" in helped.stdout and "safetensors:" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "d2v_train.export", f"checkpoint={pretrain_ckpt}",
+                          f"output_dir={tmp_path / 'x'}", "format=onnx"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == "d2v-export: error: format='onnx' is not one of ['hf', 'safetensors']"
