@@ -99,3 +99,27 @@ def test_cli_help_lists_formats_and_rejects_unknown_format(pretrain_ckpt, tmp_pa
                          text=True, timeout=120)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == "d2v-export: error: format='onnx' is not one of ['hf', 'safetensors']"
+
+
+def test_finetuned_checkpoint_exports_to_its_task_class(pretrain_ckpt, tmp_path):
+    run_dir = tmp_path / "ft"
+    done = subprocess.run(
+        [sys.executable, "-m", "d2v_train.finetune", f"pretrained={pretrain_ckpt}", f"hydra.run.dir={run_dir}",
+         "trainer.max_steps=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "export=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = sorted((run_dir / "checkpoints").glob("*.ckpt"))[0]
+    export(ckpt, tmp_path / "hf")
+    model, info = transformers.Data2VecVisionForImageClassification.from_pretrained(
+        tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from d2v_train.interop.sources import load_source
+
+    ours = load_source(ckpt).model
+    size = ours.encoder.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (model.eval()(pixels).logits - ours(pixels).logits).abs().max() <= 1e-5
+    export(ckpt, tmp_path / "enc", format="safetensors")
+    assert d2v_train.load_encoder(tmp_path / "enc").modality == "vision"

@@ -1,14 +1,17 @@
 """Read a model from any source d2v_train accepts, telling the kinds apart by their contents.
 
-Sources: a pretraining checkpoint of ``d2v-pretrain`` (Lightning ``.ckpt``), our export directory
-(``encoder.safetensors`` + ``config.json``), a transformers Data2Vec directory (bare or task
-model), and a data2vec v1 file from fairseq or the BEiT-based vision release. Every file is read
-with ``weights_only=True`` or safetensors.
+Sources: a ``d2v-pretrain`` checkpoint (Lightning ``.ckpt``: the encoder config is in
+``hyper_parameters["encoder"]``, the student weights are ``student.*``, the EMA teacher's
+``teacher.model.*``), a ``d2v-finetune`` checkpoint (the task model is ``model.*``, its head
+settings in ``hyper_parameters["head"]``), our export directory (``encoder.safetensors`` +
+``config.json``), a transformers Data2Vec directory (bare or task model), and a data2vec v1 file
+from fairseq or the BEiT-based vision release. Every file is read with ``weights_only=True`` or
+safetensors. ``d2v-export`` and ``d2v-finetune pretrained=`` both read through here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -32,6 +35,7 @@ class LoadedModel:
     kind: SourceKind
     path: Path
     weights: str = "student"
+    extras: dict[str, Any] = field(default_factory=dict)  # fine-tuning: vocab, classes, head settings
 
     @property
     def encoder(self) -> Encoder:
@@ -55,7 +59,20 @@ def encoder_from_pretraining(checkpoint: dict[str, Any], weights: str = "student
     encoder = build_encoder(hparams["modality"], hparams["encoder"])
     check_state(encoder.state_dict(), state, f"{where} ({weights} weights)")
     encoder.load_state_dict(state)
-    return encoder
+    return encoder.eval()
+
+
+def model_from_finetuning(checkpoint: dict[str, Any], where: str = "checkpoint") -> nn.Module:
+    """The task model (encoder + head) of a ``d2v-finetune`` checkpoint."""
+    from ..models.heads import build_head
+
+    hparams = checkpoint.get("hyper_parameters") or {}
+    encoder = build_encoder(hparams["modality"], hparams["encoder"])
+    model = build_head(hparams.get("architecture") or hparams["task"], encoder, **(hparams.get("head") or {}))
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    check_state(model.state_dict(), state, f"{where} (fine-tuned model weights)")
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head: bool = False) -> LoadedModel:
@@ -64,7 +81,10 @@ def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{path}: a model directory needs a config.json")
+            raise FileNotFoundError(
+                f"{path}: a directory without config.json (expected a d2v_train export or a transformers "
+                "Data2Vec directory; checkpoints are .ckpt files, e.g. RUN_DIR/checkpoints/last.ckpt)"
+            )
         config = load_json(config_file)
         if config.get("format") == NATIVE_FORMAT:
             return LoadedModel(load_encoder(path), "native", path)
@@ -82,10 +102,9 @@ def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head
     if checkpoint is None:
         return LoadedModel(load_fairseq(path), "fairseq", path)
     hparams = checkpoint.get("hyper_parameters") or {}
-    if "head" in hparams or "task" in hparams:
-        from ..lightning.finetune import model_from_checkpoint  # fine-tuning checkpoints
-
-        return LoadedModel(model_from_checkpoint(checkpoint, where=str(path)), "finetuning", path)
+    if hparams.get("task"):
+        extras = {"vocab": hparams.get("vocab"), "classes": hparams.get("classes"), "head": hparams.get("head") or {}}
+        return LoadedModel(model_from_finetuning(checkpoint, str(path)), "finetuning", path, extras=extras)
     return LoadedModel(encoder_from_pretraining(checkpoint, weights, str(path)), "pretraining", path, weights)
 
 
