@@ -173,3 +173,11 @@ def test_relative_position_bias_other_grid_is_resized():
     out = encoder(torch.randn(1, 3, 24, 24))
     assert out.last_hidden_state.shape == (1, 1 + 36, 32)
     assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_relative_position_index_cached_in_inference_mode_serves_training():
+    encoder = build_encoder("vision", VISION)
+    with torch.inference_mode():
+        encoder.eval()(torch.randn(1, 3, 16, 16))
+    encoder.train()(torch.randn(1, 3, 16, 16)).last_hidden_state.sum().backward()
+    assert encoder.rel_pos_bias.table.grad is not None

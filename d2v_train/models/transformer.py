@@ -115,7 +115,9 @@ class RelativePositionBias(nn.Module):
             table = torch.cat([grid.permute(0, 2, 3, 1).reshape(new_h * new_w, -1), table[-3:]])
         index = self._index_cache.get(window)
         if index is None or index.device != table.device:
-            index = self._index(window).to(table.device)
+            # built outside inference mode so a cache filled during validation serves training too
+            with torch.inference_mode(False):
+                index = self._index(window).to(table.device)
             self._index_cache[window] = index
         n = window[0] * window[1] + 1
         return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
