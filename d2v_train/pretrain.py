@@ -6,6 +6,14 @@
 
 The run directory (``hydra.run.dir``) receives ``config.yaml`` (resolved), ``metrics.csv`` and
 ``checkpoints/last.ckpt``. ``train(cfg)`` is the whole run and is usable from Python and tests.
+
+Resume: re-running a command whose run directory already holds ``checkpoints/last.ckpt`` continues
+from it (``ckpt_path=auto``, the default; give the directory with ``hydra.run.dir=``, since the
+default one is timestamped). ``ckpt_path=PATH`` resumes from another checkpoint, ``ckpt_path=null``
+starts over. A resumed run continues exactly: weights, optimizer, lr schedule, EMA teacher, RNG
+streams, data order and position, ``metrics.csv`` (appended) and the W&B run (same id). Checkpoints
+are written atomically and loaded with ``weights_only=True``
+(``d2v_train.lightning.checkpointing``).
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
+    from d2v_train.lightning.checkpointing import AtomicCheckpointIO, ExactResume
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.lightning.pretrain import Data2VecPretraining
     from d2v_train.models import build_encoder
@@ -110,19 +119,45 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         seed=int(cfg.seed),
     )
 
-    loggers = _instantiate_named(cfg.get("logger"))
+    loggers = _instantiate_loggers(cfg)
     if not any(isinstance(lg, CSVLogger) for lg in loggers):  # metrics.csv is always written
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
-    callbacks = _instantiate_named(cfg.get("callbacks"))
-    trainer = L.Trainer(**_container(cfg.trainer), logger=loggers, callbacks=callbacks)
+    # ExactResume is part of correctness (like the EMA step), not an optional callback
+    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume()]
+    trainer = L.Trainer(
+        **_container(cfg.trainer), logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
     return model, datamodule, trainer
 
 
+def _instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    """Like ``_instantiate_named``; a W&B logger without an explicit ``id`` gets the run directory's
+    id (``wandb_id`` file) and ``resume="allow"``, so a resumed run continues the same W&B run."""
+    from hydra.utils import instantiate
+
+    from d2v_train.lightning.loggers import wandb_run_id
+
+    node = cfg.get("logger")
+    out: list[Any] = []
+    for value in (node.values() if node is not None else []):
+        if value is None:
+            continue
+        extra: dict[str, Any] = {}
+        if str(value.get("_target_", "")).endswith("WandbLogger") and value.get("id") is None:
+            ckpt = str(cfg.get("ckpt_path") or "")
+            other = ckpt if ckpt.lower() not in ("", "auto", "last", "hpc", "none", "null") else None
+            extra = {"id": wandb_run_id(Path(str(cfg.run_dir)), other), "resume": "allow"}
+        out.append(instantiate(value, **extra))
+    return out
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """The whole run: seed, build, write the resolved config, fit, save ``checkpoints/last.ckpt``."""
+    """The whole run: seed, build, write the resolved config, fit (resuming when ``ckpt_path`` says
+    so, see ``resolve_ckpt_path``), save ``checkpoints/last.ckpt``."""
     import lightning as L
 
     from d2v_train.lightning.callbacks import TrainingCollapsedError
+    from d2v_train.lightning.checkpointing import ExactResume, final_state_saved, resolve_ckpt_path
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -130,20 +165,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"missing value for '{key}': set it on the command line ({key}=...)")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the teacher, on purpose
     warnings.filterwarnings("ignore", message=r".*val_dataloader.*no `validation_step`.*")
+    warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")  # a skipped NaN step: logged by us
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(str(cfg.run_dir))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path", "auto"), run_dir)
+    if ckpt_path is not None:
+        print(f"d2v-pretrain: resuming from {ckpt_path} (ckpt_path=null starts over)", flush=True)
     model, datamodule, trainer = build(cfg)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     start = time.perf_counter()
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except TrainingCollapsedError as e:
-        raise UserError(f"stopped: {e}") from None
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not getattr(trainer, "interrupted", False):
-        # the final state: ModelCheckpoint skips it once any earlier `last` was written mid-run
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingCollapsedError as e:
+        kept = f"; last good checkpoint: {last}" if last.is_file() else "; no checkpoint was written"
+        raise UserError(f"stopped: {e}{kept}") from None
+    exact = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))  # type: ignore[attr-defined]
+    fresh = exact.trained or ckpt_path is None  # a re-run of a finished command trains nothing: keep its file
+    if not getattr(trainer, "interrupted", False) and fresh and not final_state_saved(trainer):
+        # the final state when no RunCheckpoint wrote it (callbacks=none, or a stop before max_steps)
         trainer.save_checkpoint(str(last), weights_only=False)
     wall = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}

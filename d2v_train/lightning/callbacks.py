@@ -1,6 +1,6 @@
-"""Callbacks for pretraining runs: collapse monitor and throughput.
+"""Callbacks for pretraining runs: collapse monitor, non-finite loss guard and throughput.
 
-The EMA update itself lives in ``Data2VecPretraining.on_train_batch_end``: it is part of the method,
+The EMA update itself lives in ``Data2VecPretraining.optimizer_step``: it is part of the method,
 so a run without callbacks is still correct. These callbacks read ``pl_module.last_stats`` (detached,
 already all-reduced tensors written by ``training_step``).
 """
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import lightning as L
 
-__all__ = ["CollapseMonitor", "ThroughputMonitor", "TrainingCollapsedError"]
+__all__ = ["CollapseMonitor", "NonFiniteLossGuard", "ThroughputMonitor", "TrainingCollapsedError"]
 
 
 class TrainingCollapsedError(RuntimeError):
@@ -61,6 +61,28 @@ class CollapseMonitor(L.Callback):
             raise TrainingCollapsedError(
                 f"prediction std {p_std:.4g} < objective.min_pred_std={min_p} at update {step}: the student's "
                 "predictions collapsed; lower the learning rate (set objective.min_pred_std=0 to disable)"
+            )
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stops the run after ``max_consecutive`` NaN / inf losses in a row.
+
+    The module already skips each such update (no optimizer or EMA step); a long streak means the
+    run will not recover by itself (e.g. the weights became non-finite), so it is stopped with one
+    line instead of burning compute. No final checkpoint is written: ``checkpoints/last.ckpt`` stays
+    the last good one (``AtomicCheckpointIO`` never writes non-finite weights either). 0 disables.
+    """
+
+    def __init__(self, max_consecutive: int = 10) -> None:
+        self.max_consecutive = int(max_consecutive)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        streak = int(getattr(pl_module, "bad_streak", 0))
+        if self.max_consecutive > 0 and streak >= self.max_consecutive:
+            raise TrainingCollapsedError(
+                f"{streak} non-finite (NaN/inf) losses in a row at update {trainer.global_step} "
+                f"({getattr(pl_module, 'skipped_steps', streak)} skipped in all); lower the learning rate "
+                f"or check the data (limit: callbacks.nonfinite.max_consecutive={self.max_consecutive})"
             )
 
 

@@ -12,13 +12,23 @@ Step:
 3. teacher (eval mode, no grad, on the *unmasked* input: the full clean sentence for text, the
    student's unmasked CNN features for audio, the clean image for vision) -> top-K block tensors ->
    ``build_targets`` (fp32).
-4. loss over the masked positions of all ranks; EMA step once per optimizer update
-   (``on_train_batch_end`` checks that ``global_step`` advanced, so gradient accumulation does not
-   multiply EMA steps).
+4. loss over the masked positions of all ranks; EMA step once per optimizer update, right after the
+   optimizer step (``optimizer_step``, which Lightning calls once per update under gradient
+   accumulation). Doing it there rather than in ``on_train_batch_end`` means every checkpoint, also
+   one written by a callback (``ModelCheckpoint`` runs before the module's ``on_train_batch_end``),
+   holds the teacher of the update it was taken at, so a resume is exact.
+
+Non-finite losses: a NaN / inf loss (all-reduced, so every rank agrees) is not backpropagated (under
+DDP a throw-away backward keeps the ranks in step) and the update it belongs to is skipped: no
+optimizer change (gradients are dropped), no EMA step. Lightning still counts the update
+(``global_step`` and the lr schedule advance). ``skipped_steps`` (total, logged as
+``train/skipped_steps``) and ``bad_streak`` (consecutive) are kept in checkpoints;
+``callbacks.NonFiniteLossGuard`` stops a run whose streak gets too long.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any, Mapping, Optional
 
@@ -36,6 +46,8 @@ from d2v_train.objective.targets import build_targets
 from .optim import OptimConfig, build_optimizer
 
 __all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
+
+_log = logging.getLogger("d2v_train.pretrain")
 
 TEXT_SPECIAL_KEYS = ("pad", "bos", "eos", "mask", "unk")
 
@@ -117,6 +129,9 @@ class Data2VecPretraining(L.LightningModule):
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
         self._ema_last_step = -1
+        self.skipped_steps = 0  # micro-batches whose loss was NaN / inf
+        self.bad_streak = 0  # consecutive ones (reset by a finite loss)
+        self._skip_update = False  # this update's window saw a non-finite loss
         self.last_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -233,8 +248,21 @@ class Data2VecPretraining(L.LightningModule):
             "local_sum": out["local_sum"],
             "local_count": out["local_count"],
         }
+        finite = bool(torch.isfinite(out["global_loss"]))  # all-reduced: every rank decides alike
+        if finite:
+            self.bad_streak = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            self._skip_update = True
+            if self.global_rank == 0:
+                _log.warning(
+                    "non-finite loss (%s) at update %d: update skipped (%d in a row, %d in all)",
+                    float(out["global_loss"]), self.global_step + 1, self.bad_streak, self.skipped_steps,
+                )  # fmt: skip
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         log = dict(on_step=True, on_epoch=False, batch_size=bsz, rank_zero_only=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), **log)
         self.log("train/loss", out["global_loss"], prog_bar=True, **log)
         self.log("train/target_std", out["target_std"], **log)
         self.log("train/pred_std", out["pred_std"], **log)
@@ -242,18 +270,34 @@ class Data2VecPretraining(L.LightningModule):
         self.log("train/ema_decay", self.ema_decay(), **log)
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], **log)
-        return out["loss"]
+        if finite:
+            return out["loss"]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # DDP needs every rank to run backward (Lightning refuses None there): a throw-away
+            # backward whose gradients ``on_before_optimizer_step`` drops
+            return out["loss"] * 0.0
+        return None  # Lightning skips backward
 
     def on_train_start(self) -> None:
         self._ema_last_step = self.global_step
+        self._skip_update = False
         self.teacher.eval()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """One EMA step per optimizer update (never per micro-batch)."""
-        step = self.global_step
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drop the gradients of an update that saw a non-finite loss (also from other micro-batches
+        of its accumulation window): the optimizer then leaves every parameter and its state alone."""
+        if self._skip_update:
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA step (none for a skipped update)."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step + 1  # Lightning counts this update right after this hook returns
         if step > self._ema_last_step:
-            self.teacher.step(self.student, self.ema_decay(step))
+            if not self._skip_update:
+                self.teacher.step(self.student, self.ema_decay(step))
             self._ema_last_step = step
+        self._skip_update = False
 
     def configure_optimizers(self) -> Any:
         total = self.optim.total_steps
@@ -265,6 +309,10 @@ class Data2VecPretraining(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["d2v_ema_last_step"] = self._ema_last_step
+        checkpoint["d2v_skipped_steps"] = self.skipped_steps
+        checkpoint["d2v_bad_streak"] = self.bad_streak
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._ema_last_step = int(checkpoint.get("d2v_ema_last_step", -1))
+        self.skipped_steps = int(checkpoint.get("d2v_skipped_steps", 0))
+        self.bad_streak = int(checkpoint.get("d2v_bad_streak", 0))
