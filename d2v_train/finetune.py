@@ -240,6 +240,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         module = FineTuning(
             model, cfg.head.task, optim=_container(cfg.optim), finetune=_container(cfg.finetune),
             vocab=vocab, classes=classes, seed=int(cfg.seed),
+            special_token_ids=getattr(dm, "special_token_ids", None) if cfg.modality == "text" else None,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -99,24 +99,44 @@ def load_rgb(source: str | bytes) -> Image.Image:
 
 
 def build_transform(
-    recipe: str, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    recipe: str,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    rand_augment_ops: int = 0,
+    rand_augment_magnitude: int = 9,
+    random_erasing: float = 0.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """`v1` (RandomResizedCrop 0.08-1 bicubic, flip, colour jitter 0.4), `v2` (0.2-1, flip), or `eval`
-    (resize to size/0.875, centre crop); all end in float tensors normalised by `mean`/`std`."""
+    (resize to size/0.875, centre crop); all end in float tensors normalised by `mean`/`std`.
+
+    Fine-tuning extras (data2vec / BEiT image fine-tuning, timm's `create_transform`), training
+    recipes only: `rand_augment_ops > 0` adds RandAugment (`num_ops`, `magnitude`; timm's
+    rand-m9-mstd0.5-inc1 is 2 ops at magnitude 9; bilinear, which tensor inputs allow) after the
+    flip and, as in timm, replaces the colour jitter; `random_erasing > 0` erases a random box with
+    per-pixel normal noise (timm's `reprob` with `remode=pixel`) after normalisation.
+    """
     bicubic = T.InterpolationMode.BICUBIC
+    train = recipe in ("v1", "v2")
+    randaug = (
+        [T.RandAugment(num_ops=rand_augment_ops, magnitude=rand_augment_magnitude, interpolation=T.InterpolationMode.BILINEAR)]
+        if train and rand_augment_ops > 0 else []
+    )  # fmt: skip
+    erase = [T.RandomErasing(p=random_erasing, value="random")] if train and random_erasing > 0 else []
     if recipe == "v1":
         aug = [
             T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic, antialias=True),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(0.4, 0.4, 0.4),
+            *(randaug or [T.ColorJitter(0.4, 0.4, 0.4)]),
         ]
     elif recipe == "v2":
-        aug = [T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic, antialias=True), T.RandomHorizontalFlip()]
+        aug = [T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic, antialias=True), T.RandomHorizontalFlip(), *randaug]
     elif recipe == "eval":
         aug = [T.Resize(int(round(image_size / 0.875)), interpolation=bicubic, antialias=True), T.CenterCrop(image_size)]
     else:
         raise ValueError(f"data.recipe must be v1, v2 or eval, got {recipe!r}")
-    return T.Compose([T.ToImage(), *aug, T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+    return T.Compose([T.ToImage(), *aug, T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std)), *erase])
 
 
 # ------------------------------------------------------------------------------------- dataset
@@ -225,6 +245,9 @@ class ImageDataModule(BaseDataModule):
         recipe: str = "v1",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        rand_augment_ops: int = 0,
+        rand_augment_magnitude: int = 9,
+        random_erasing: float = 0.0,
         validate: bool = True,
         validate_threads: int = 8,
         batch_size: int = 64,
@@ -250,7 +273,10 @@ class ImageDataModule(BaseDataModule):
         self.image_column = image_column
         self.label_column = label_column
         self.image_size = image_size
-        self.train_transform = build_transform(recipe, image_size, mean, std)
+        self.train_transform = build_transform(
+            recipe, image_size, mean, std, rand_augment_ops=rand_augment_ops,
+            rand_augment_magnitude=rand_augment_magnitude, random_erasing=random_erasing,
+        )  # fmt: skip
         self.eval_transform = build_transform("eval", image_size, mean, std)
         self.validate = validate
         self.validate_threads = validate_threads

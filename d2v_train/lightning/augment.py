@@ -1,5 +1,5 @@
-"""Fine-tuning-time input augmentation: mixup / cutmix with label smoothing (images), and
-wav2vec 2.0-style time and channel masking (audio).
+"""Fine-tuning-time input augmentation: mixup / cutmix with label smoothing (images),
+wav2vec 2.0-style time and channel masking (audio), and BERT-style token masking (masked LM).
 
 Everything draws from an explicit ``torch.Generator`` so a seeded run is repeatable.
 """
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from d2v_train.objective.masking import span_mask
+from d2v_train.objective.masking import mask_tokens, span_mask
 
-__all__ = ["MixupConfig", "mixup_cutmix", "soft_cross_entropy", "time_mask", "channel_mask"]
+__all__ = ["MixupConfig", "mixup_cutmix", "soft_cross_entropy", "time_mask", "channel_mask", "mask_for_mlm"]
 
 
 @dataclass
@@ -117,3 +117,32 @@ def channel_mask(
         generator=generator, device=device,
     )  # fmt: skip
     return mask if bool(mask.any()) else None
+
+
+def mask_for_mlm(
+    inputs: Tensor,
+    padding_mask: Optional[Tensor],
+    special_token_ids: Mapping[str, int],
+    vocab_size: int,
+    prob: float,
+    leave_unmasked_prob: float,
+    random_token_prob: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """(masked ids, labels) for masked-LM fine-tuning, with the pretraining masker (``mask_tokens``,
+    fairseq / BERT semantics): ``prob`` of the real tokens are selected (at least one per sequence),
+    of which ``leave_unmasked_prob`` stay, ``random_token_prob`` become a random non-special token,
+    the rest ``<mask>``. Labels are the original ids at selected positions, -100 elsewhere; special
+    tokens and padding are never selected."""
+    specials = torch.tensor(sorted(set(int(v) for v in special_token_ids.values())), device=inputs.device)
+    maskable = ~torch.isin(inputs, specials)
+    if padding_mask is not None:
+        maskable &= ~padding_mask
+    keep = torch.ones(vocab_size, dtype=torch.bool, device=inputs.device)
+    keep[specials[specials < vocab_size]] = False
+    out = mask_tokens(
+        inputs, mask_id=int(special_token_ids["mask"]), maskable=maskable, random_token_ids=keep.nonzero().flatten(),
+        mask_prob=prob, min_masks=1, leave_unmasked_prob=leave_unmasked_prob, random_token_prob=random_token_prob,
+        generator=generator,
+    )  # fmt: skip
+    return out.input_ids, inputs.masked_fill(~out.selected, -100)

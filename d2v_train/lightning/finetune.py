@@ -8,6 +8,9 @@ What the data2vec / wav2vec 2.0 / BEiT fine-tuning recipes add on top of "head l
 - audio masking while fine-tuning: span time masks drawn with data2vec's ``span_mask`` (replaced
   by the encoder's mask embedding) and channel masks that zero feature channels;
 - mixup / cutmix and label smoothing for image classification (soft-target cross-entropy);
+- masked-LM fine-tuning masks its own batches (BERT's 15 % with 80/10/10, ``mask_for_mlm``), in
+  training with fresh masks each step and in validation with masks fixed per batch, so the
+  validation perplexity of successive epochs compares the same predictions;
 - validation metrics per task (``metrics.TaskMetrics``) logged as ``val/<name>`` once per epoch.
 
 Masks and mixing draw from a generator seeded by (seed, update, micro-batch, rank), so a seeded
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from d2v_train.models.heads import TaskHead
 
-from .augment import MixupConfig, channel_mask, mixup_cutmix, soft_cross_entropy, time_mask
+from .augment import MixupConfig, channel_mask, mask_for_mlm, mixup_cutmix, soft_cross_entropy, time_mask
 from .metrics import CharDecoder, TaskMetrics
 from .optim import OptimConfig, lr_lambda
 
@@ -55,6 +58,9 @@ class FinetuneConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    mlm_probability: float = 0.15
+    mlm_leave_unmasked_prob: float = 0.1
+    mlm_random_token_prob: float = 0.1
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "FinetuneConfig":
@@ -132,6 +138,8 @@ class FineTuning(L.LightningModule):
         vocab: CTC: the character vocabulary (index 0 = blank), saved in the checkpoint.
         classes: class names (saved so predictions can be named).
         seed: mixes into every mask / mixing generator.
+        special_token_ids: text: the tokenizer's ``{"pad", "bos", "eos", "mask", "unk"}`` ids (masked
+            LM fine-tuning needs ``mask``; the others are never masked).
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class FineTuning(L.LightningModule):
         vocab: Optional[Sequence[str]] = None,
         classes: Optional[Sequence[str]] = None,
         seed: int = 0,
+        special_token_ids: Optional[Mapping[str, int]] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -153,6 +162,7 @@ class FineTuning(L.LightningModule):
         self.seed = int(seed)
         self.vocab = list(vocab) if vocab is not None else None
         self.classes = [str(c) for c in classes] if classes is not None else None
+        self.special_token_ids = {k: int(v) for k, v in (special_token_ids or {}).items() if v is not None}
         self.save_hyperparameters(
             {
                 "modality": self.modality,
@@ -165,6 +175,7 @@ class FineTuning(L.LightningModule):
                 "vocab": self.vocab,
                 "classes": self.classes,
                 "seed": self.seed,
+                "special_token_ids": self.special_token_ids or None,
             }
         )
         self._check()
@@ -198,6 +209,13 @@ class FineTuning(L.LightningModule):
             raise ValueError("finetune.mixup_alpha / cutmix_alpha are for image classification")
         if not 0 < ft.layer_decay <= 1:
             raise ValueError(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+        if self.task == "masked_lm":
+            if "mask" not in self.special_token_ids:
+                raise ValueError("masked_lm fine-tuning masks tokens itself and needs the tokenizer's <mask> id "
+                                 "(special_token_ids=...; d2v-finetune takes it from a text data module)")
+            if not (0 < ft.mlm_probability <= 1 and ft.mlm_leave_unmasked_prob + ft.mlm_random_token_prob <= 1):
+                raise ValueError("finetune.mlm_probability must be in (0, 1] and mlm_leave_unmasked_prob + "
+                                 "mlm_random_token_prob at most 1")
 
     @property
     def metric(self) -> tuple[str, str]:
@@ -208,8 +226,20 @@ class FineTuning(L.LightningModule):
     def generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
         rank = self.global_rank if self._trainer is not None else 0
         step = self.global_step if self._trainer is not None else 0
-        key = hash((self.seed, step, batch_idx, rank, "ft")) & ((1 << 62) - 1)
+        key = hash((self.seed, step, batch_idx, rank, 0x6674)) & ((1 << 62) - 1)  # ints only: str hashes are salted per process
         return torch.Generator(device=device).manual_seed(key)
+
+    def _mlm(self, batch: Mapping[str, Any], g: torch.Generator) -> Mapping[str, Any]:
+        """Masked-LM fine-tuning: the batch with masked inputs and labels (-100 where not masked);
+        a batch that already carries labels (a masking collator) is left alone."""
+        if self.task != "masked_lm" or batch.get("labels") is not None:
+            return batch
+        ft = self.ft
+        inputs, labels = mask_for_mlm(
+            batch["inputs"], batch.get("padding_mask"), self.special_token_ids, int(self.model.encoder.config.vocab_size),
+            ft.mlm_probability, ft.mlm_leave_unmasked_prob, ft.mlm_random_token_prob, g,
+        )  # fmt: skip
+        return {**batch, "inputs": inputs, "labels": labels}
 
     def _apply_channel_mask(self, module: nn.Module, args: Any, output: Tensor) -> Optional[Tensor]:
         if self._channel_mask is None or not self.training:
@@ -256,8 +286,9 @@ class FineTuning(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        g = self.generator(batch["inputs"].device, batch_idx)
+        batch = self._mlm(batch, g)
         inputs, labels = batch["inputs"], self._labels(batch)
-        g = self.generator(inputs.device, batch_idx)
         mask = None
         if self.modality == "audio" and (self.ft.mask_time_prob > 0 or self.ft.mask_feature_prob > 0):
             mask = self._audio_masks(inputs, batch.get("padding_mask"), g)
@@ -286,6 +317,9 @@ class FineTuning(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if self.task == "masked_lm":  # the same masks every epoch: seeded by the batch only
+            key = hash((self.seed, batch_idx, self.global_rank if self._trainer is not None else 0, 0x76616C))
+            batch = self._mlm(batch, torch.Generator(device=batch["inputs"].device).manual_seed(key & ((1 << 62) - 1)))
         labels = self._labels(batch)
         out = self._forward(batch, labels)
         if out.loss is not None:
