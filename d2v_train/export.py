@@ -6,6 +6,7 @@ reach an export: only the chosen encoder (and a fine-tuned task head) is written
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +14,7 @@ import torch
 
 from .cli import ConfigError, run_app
 from .interop import save_encoder, save_transformers
-from .interop.sources import LoadedModel, load_source
+from .interop.sources import TOKENIZER_FILE, LoadedModel, load_source
 
 FORMATS = ("hf", "safetensors")
 
@@ -26,17 +27,24 @@ def validate(cfg: Any) -> None:
 
 
 def export(source: LoadedModel, output_dir: Path, fmt: str) -> list[Path]:
-    """Writes ``source`` to ``output_dir`` in ``fmt``; returns the files written."""
+    """Writes ``source`` to ``output_dir`` in ``fmt``; returns the files written. A text model's
+    ``tokenizer.json`` travels with it."""
     if fmt == "safetensors":
         save_encoder(source.encoder, output_dir)
-        return [output_dir / "encoder.safetensors", output_dir / "config.json"]
-    if source.model is not source.encoder:
-        from .interop.heads import save_transformers_task
-
-        save_transformers_task(source.model, output_dir)
+        files = [output_dir / "encoder.safetensors", output_dir / "config.json"]
     else:
-        save_transformers(source.model, output_dir)
-    return [output_dir / "model.safetensors", output_dir / "config.json"]
+        if source.model is not source.encoder:
+            from .interop.heads import save_transformers_task
+
+            save_transformers_task(source.model, output_dir)
+        else:
+            save_transformers(source.model, output_dir)
+        files = [output_dir / "model.safetensors", output_dir / "config.json"]
+    tokenizer = source.tokenizer
+    if tokenizer is not None and tokenizer.resolve() != (output_dir / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer, output_dir / TOKENIZER_FILE)
+        files.append(output_dir / TOKENIZER_FILE)
+    return files
 
 
 def summary(source: LoadedModel, files: list[Path], fmt: str) -> str:

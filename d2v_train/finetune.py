@@ -106,6 +106,11 @@ def _load_source(cfg: DictConfig) -> Any:
     with open_dict(cfg):
         enc = {k: v for k, v in pre.encoder.config.to_dict().items() if k != "extra"}
         cfg.encoder = OmegaConf.create(enc)
+        tokenizer = pre.extras.get("tokenizer")
+        if cfg.modality == "text" and tokenizer and "tokenizer" in cfg.data and cfg.data.tokenizer is None:
+            # the vocabulary the encoder was pretrained with, saved beside it
+            log.info("text data uses the pretrained encoder's tokenizer %s", tokenizer)
+            cfg.data.tokenizer = tokenizer
     return pre
 
 

@@ -19,6 +19,7 @@ are written atomically and loaded with ``weights_only=True``
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+from d2v_train.interop.sources import TOKENIZER_FILE
 
 __all__ = ["main", "train", "build", "validate_config"]
 
@@ -175,6 +177,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tokenizer = getattr(datamodule, "tokenizer_path", None)
+        if tokenizer is not None and Path(tokenizer).is_file():
+            # the vocabulary belongs to the weights: fine-tuning and export find it beside the run
+            shutil.copyfile(tokenizer, run_dir / TOKENIZER_FILE)
     start = time.perf_counter()
     last = run_dir / "checkpoints" / "last.ckpt"
     try:

@@ -123,3 +123,25 @@ def test_finetuned_checkpoint_exports_to_its_task_class(pretrain_ckpt, tmp_path)
         assert (model.eval()(pixels).logits - ours(pixels).logits).abs().max() <= 1e-5
     export(ckpt, tmp_path / "enc", format="safetensors")
     assert d2v_train.load_encoder(tmp_path / "enc").modality == "vision"
+
+
+def test_text_tokenizer_travels_from_pretraining_to_export_and_finetuning(tmp_path):
+    """A text encoder is only usable with its vocabulary: the run dir, exports and fine-tuning keep it."""
+    run_dir, cache = tmp_path / "pre", tmp_path / "cache"
+    common = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"data.cache_dir={cache}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "d2v_train.pretrain", "modality=text", "data.vocab_size=600", "trainer.max_steps=2",
+         f"hydra.run.dir={run_dir}", *common], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokenizer = run_dir / "tokenizer.json"
+    assert tokenizer.is_file()
+    files = export(run_dir / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json") in files
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    # the fine-tuning data would train a 4096-token BPE; the pretrained encoder knows 600 tokens
+    done = subprocess.run(
+        [sys.executable, "-m", "d2v_train.finetune", "head=token_classification",
+         f"pretrained={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=2", "trainer.max_epochs=1",
+         f"hydra.run.dir={tmp_path / 'ft'}", "export=false", *common], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

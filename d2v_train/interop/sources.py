@@ -24,6 +24,8 @@ from .native import FORMAT as NATIVE_FORMAT
 from .native import load_encoder
 from .transformers import BASE_CLASS, load_transformers
 
+TOKENIZER_FILE = "tokenizer.json"  # a text model's tokenizer, kept beside its weights
+
 SourceKind = Literal["pretraining", "native", "transformers", "transformers-task", "fairseq", "finetuning"]
 
 
@@ -36,6 +38,16 @@ class LoadedModel:
     path: Path
     weights: str = "student"
     extras: dict[str, Any] = field(default_factory=dict)  # fine-tuning: vocab, classes, head settings
+
+    @property
+    def tokenizer(self) -> Optional[Path]:
+        """The ``tokenizer.json`` saved with a text model: in a model directory, or in the run
+        directory of a ``RUN_DIR/checkpoints/*.ckpt`` file."""
+        folder = self.path if self.path.is_dir() else self.path.parent
+        if folder.name == "checkpoints":
+            folder = folder.parent
+        candidate = folder / TOKENIZER_FILE
+        return candidate if candidate.is_file() else None
 
     @property
     def encoder(self) -> Encoder:

@@ -31,7 +31,7 @@ class Pretrained:
     source: str  # a ``SourceKind``: "pretraining", "finetuning", "native", "transformers", ...
     architecture: Optional[str] = None  # transformers task class of ``task_state``
     task_state: dict[str, Tensor] = field(default_factory=dict)  # full head-model state (encoder.* + head)
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. the CTC vocabulary of a fine-tuned model
+    extras: dict[str, Any] = field(default_factory=dict)  # CTC vocabulary, classes, tokenizer.json path
 
 
 def load_pretrained(spec: str) -> Pretrained:
@@ -50,10 +50,11 @@ def load_pretrained(spec: str) -> Pretrained:
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"pretrained={spec}: {err}") from None
     encoder = loaded.encoder.train()
+    extras = {**loaded.extras, "tokenizer": str(loaded.tokenizer) if loaded.tokenizer else None}
     if loaded.model is encoder:
-        return Pretrained(encoder, loaded.kind)
+        return Pretrained(encoder, loaded.kind, extras=extras)
     model = loaded.model
-    return Pretrained(encoder, loaded.kind, model.architecture, model.state_dict(), loaded.extras)
+    return Pretrained(encoder, loaded.kind, model.architecture, model.state_dict(), extras)
 
 
 def rebuild_encoder(encoder: Encoder, overrides: Mapping[str, Any]) -> Encoder:
