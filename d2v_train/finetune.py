@@ -227,6 +227,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
+    from d2v_train.lightning.checkpointing import AtomicCheckpointIO
     from d2v_train.lightning.finetune import FineTuning
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.models.heads import build_head
@@ -253,7 +254,9 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
-    trainer = L.Trainer(**_container(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode))
+    trainer = L.Trainer(
+        **_container(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode), plugins=[AtomicCheckpointIO()]
+    )
     return module, dm, trainer
 
 
@@ -277,12 +280,11 @@ def _job_num() -> Optional[int]:
 
 def export_best(module: Any, best_path: str, out_dir: Path) -> Optional[Path]:
     """The best checkpoint's weights as a transformers directory (+ vocab.json for CTC)."""
-    import torch
-
     from d2v_train.interop import save_transformers_task
+    from d2v_train.interop.files import torch_load_safely
 
     if best_path and Path(best_path).is_file():
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        state = torch_load_safely(Path(best_path))["state_dict"]
         module.load_state_dict(state)
     save_transformers_task(module.model, out_dir)
     if module.vocab:
@@ -305,7 +307,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if module.vocab:
             (run_dir / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(module.vocab)}, indent=1))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     wall = time.perf_counter() - start
     metric, mode = module.metric
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}

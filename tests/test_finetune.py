@@ -270,3 +270,17 @@ def test_metrics() -> None:
     qa.update(start, end, torch.tensor([[1, 2], [0, 1]]), None)
     res = qa.compute()
     assert float(res["exact_match"]) == 0.5 and abs(float(res["f1"]) - (1 + 2 / 3) / 2) < 1e-6
+
+
+def test_finetune_resumes_from_its_checkpoint_with_weights_only(tmp_path: Path) -> None:
+    """A fine-tuning run continues from its own last.ckpt (read with weights_only=True, written atomically)."""
+    from d2v_train.finetune import train
+
+    common = ["encoder.num_hidden_layers=1", "data.batch_size=32", "+trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1"]
+    first = train(cfg_for(tmp_path, "trainer.max_epochs=1", *common))
+    assert first["global_step"] == 3 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    resumed = train(cfg_for(tmp_path, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+                            *common))
+    assert resumed["global_step"] == 6
