@@ -95,8 +95,27 @@ class _LanguageModel(TextHead):
         self.lm = LMHead(config.hidden_size, config.vocab_size, config.layer_norm_eps, tied)
         self.init_head([self.lm])
 
+    # causal LM predicts the next token: labels are shifted left by one
+    shift_labels = False
+
     def lm_logits(self, x: Tensor) -> Tensor:
         return self.lm(x, self.encoder.embeddings.token.weight)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+    ) -> HeadOutput:
+        logits = self.lm_logits(self.encode(inputs, padding_mask, token_type_ids).last_hidden_state)
+        loss = None
+        if labels is not None:
+            labels = _ignore_padding(labels, padding_mask)
+            if self.shift_labels:
+                labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return HeadOutput(logits=logits, loss=loss)
 
 
 class TextForMaskedLM(_LanguageModel):
@@ -109,47 +128,19 @@ class TextForMaskedLM(_LanguageModel):
         if self.encoder.config.is_decoder:
             log.warning("TextForMaskedLM on an encoder with is_decoder=True: attention is causal, not bidirectional")
 
-    def forward(
-        self,
-        inputs: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        token_type_ids: Optional[Tensor] = None,
-    ) -> HeadOutput:
-        logits = self.lm_logits(self.encode(inputs, padding_mask, token_type_ids).last_hidden_state)
-        loss = None
-        if labels is not None:
-            labels = _ignore_padding(labels, padding_mask)
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
-        return HeadOutput(logits=logits, loss=loss)
-
 
 class TextForCausalLM(_LanguageModel):
     """Next-token prediction (``Data2VecTextForCausalLM``). Attention is causal when the encoder
     config has ``is_decoder=True``; labels are the input ids (shifted here), -100 to skip."""
 
     architecture = "Data2VecTextForCausalLM"
+    shift_labels = True
 
     def __init__(self, encoder: nn.Module, **overrides: Any) -> None:
         super().__init__(encoder, **overrides)
         if not self.encoder.config.is_decoder:
             log.warning("TextForCausalLM on an encoder with is_decoder=False: attention is bidirectional; "
                         "set is_decoder=True in the encoder config for a causal language model")
-
-    def forward(
-        self,
-        inputs: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        token_type_ids: Optional[Tensor] = None,
-    ) -> HeadOutput:
-        logits = self.lm_logits(self.encode(inputs, padding_mask, token_type_ids).last_hidden_state)
-        loss = None
-        if labels is not None:
-            labels = _ignore_padding(labels, padding_mask)
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shifted.reshape(-1))
-        return HeadOutput(logits=logits, loss=loss)
 
 
 class FirstTokenClassifier(nn.Module):
