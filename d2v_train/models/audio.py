@@ -266,7 +266,9 @@ class AudioEncoder(EncoderBase):
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
         """Masked frames take the learned mask embedding; padded frames are zeroed before the
-        positional convolution so padding never leaks into real frames through it."""
+        positional convolutions, as transformers does. With one conv that keeps padding out of the
+        real frames; stacked convs see non-zero padded frames after the first (kept for parity), so
+        the reference batches crop to the shortest clip rather than pad."""
         x = tokens
         if mask is not None:
             if self.mask_embedding is None:
