@@ -15,7 +15,8 @@ from torch import Tensor
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes through a temporary file in the same folder, then renames it over ``path``.
+    """Writes through a temporary file (``.<name>.<random>.tmp``) in the same folder, fsyncs it,
+    then renames it over ``path`` and fsyncs the folder.
 
     A crash mid-write leaves the previous file (if any) intact, never a truncated one.
     """
@@ -31,6 +32,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes the rename itself durable; skipped where the filesystem cannot fsync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_safetensors(state: Mapping[str, Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:

@@ -21,7 +21,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from d2v_train.cli import UserError
+from d2v_train.interop.files import atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -90,21 +90,8 @@ def nonfinite_keys(state_dict: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported (e.g. some network filesystems): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.<random>.tmp`` next to the target, fsync, ``os.replace``.
+    """``torch.save`` through ``interop.files.atomic_write`` (temp file next to the target, fsync, rename).
 
     Local paths only (remote URLs fall back to Lightning's writer). Stale temporary files of killed
     saves are removed by the next save of the same checkpoint.
@@ -121,20 +108,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 target, len(bad), bad[0],
             )  # fmt: skip
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        if target.parent.is_dir():
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+
+        atomic_write(target, write)
         return None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
