@@ -16,7 +16,6 @@ import ast
 import collections
 import logging
 import operator
-import pickle
 import re
 import typing
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..models import Encoder, build_encoder
-from .files import check_state
+from .files import check_state, torch_load_safely
 from .keymaps import compile_pattern, fill_pattern
 
 log = logging.getLogger(__name__)
@@ -133,21 +132,16 @@ def _safe_globals() -> list[Any]:
 def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(model state dict, model config as a plain dict or {}) from a fairseq / BEiT checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        match = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" (it needs {match.group(1)})" if match else ""
-        raise ValueError(
-            f"{path}: refused to load: the checkpoint holds objects beyond tensors and plain config "
-            f"containers{what}, and unpickling them could execute code. If you trust the file, extract its "
-            "weights once with torch.load(..., weights_only=False)['model'] and torch.save that dict."
-        ) from None
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+        with torch.serialization.safe_globals(_safe_globals()):  # + fairseq's plain config containers
+            checkpoint = torch_load_safely(path, kind="data2vec v1 checkpoint")
+    except ValueError as err:
+        if str(err).startswith("refused"):
+            raise ValueError(
+                f"{err}. If you trust the file, extract its weights once with "
+                "torch.load(..., weights_only=False)['model'] and torch.save that dict."
+            ) from None
+        raise
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     state = checkpoint

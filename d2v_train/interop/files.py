@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -72,23 +73,27 @@ def load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def torch_load_safely(path: Path) -> Any:
+def torch_load_safely(path: Path, map_location: Any = "cpu", kind: str = "file") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
 
-    A file that needs more is refused with a message saying why, not a bare unpickling trace.
+    A file that needs more is refused with one line naming it and the object it tried to build,
+    not a bare unpickling trace; ``kind`` names what the file is in that line.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{kind} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        match = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it references {match.group(1)})" if match else ""
         raise ValueError(
-            f"{path}: refused to load: the pickle holds objects beyond tensors and plain containers, "
-            f"and loading it could execute code ({str(err).splitlines()[0]})"
+            f"refused to load {kind} {path}: it holds pickled objects beyond tensors and plain "
+            f"containers{what}, and loading it could execute code"
         ) from None
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch file ({err})") from None
+    except Exception as err:  # truncated file, not a torch file, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot read {kind} {path}: {first}") from None
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:

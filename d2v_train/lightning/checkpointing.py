@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -31,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from d2v_train.cli import UserError
-from d2v_train.interop.files import atomic_write
+from d2v_train.interop.files import atomic_write, torch_load_safely
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -63,20 +61,10 @@ def load_checkpoint_safely(path: str | os.PathLike[str], map_location: Any = "cp
     ``weights_only`` restricts unpickling to tensors and plain containers, so a crafted file cannot
     run code; the message names the file and the object it tried to build."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointRefusedError(f"checkpoint {p}: no such file")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" (it references {m.group(1)})" if m else ""
-        raise CheckpointRefusedError(
-            f"refused to load checkpoint {p}: it holds pickled objects beyond tensors and plain "
-            f"containers{what}, and loading it could execute code"
-        ) from None
-    except Exception as e:  # truncated file, not a torch file, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointRefusedError(f"cannot read checkpoint {p}: {first}") from None
+        state = torch_load_safely(p, map_location=map_location, kind="checkpoint")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointRefusedError(str(e)) from None
     if not isinstance(state, dict):
         raise CheckpointRefusedError(f"checkpoint {p}: expected a dict, got {type(state).__name__}")
     return state
