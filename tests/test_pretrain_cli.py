@@ -41,7 +41,7 @@ def test_default_run_writes_run_dir_and_resumes(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(9))  # appended, not overwritten
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 9 and ckpt["d2v_ema_last_step"] == 9
     assert any(k.startswith("teacher.model.") for k in ckpt["state_dict"])
 
