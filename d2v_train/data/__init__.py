@@ -7,7 +7,7 @@ the batches (items, crops, augmentations) the uninterrupted run would have seen 
 """
 
 from d2v_train.data.audio import AudioDataModule
-from d2v_train.data.common import SKIP_REASONS, DataError, SkipTracker
+from d2v_train.data.common import SKIP_REASONS, DataError, ProbeSets, SkipTracker
 from d2v_train.data.embedded import DigitsDataModule, DocstringsDataModule, SpeechDataModule
 from d2v_train.data.image import ImageDataModule, build_transform
 from d2v_train.data.resumable import ResumableDataLoader
@@ -24,6 +24,7 @@ __all__ = [
     "ImageDataModule",
     "IndexBatch",
     "LengthBucketBatchSampler",
+    "ProbeSets",
     "ResumableDataLoader",
     "SkipTracker",
     "SpeechDataModule",

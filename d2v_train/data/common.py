@@ -12,7 +12,8 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +163,25 @@ def no_usable_files(where: str | Path, looked_for: Sequence[str], counts: dict[s
     )
 
 
+@dataclass
+class ProbeSets:
+    """Labelled data a frozen encoder is judged on (linear probe, kNN), separate from the
+    pretraining stream: pretraining data need not carry labels (text blocks, audio crops).
+
+    ``train`` / ``val`` yield dicts with ``inputs`` and an int ``labels`` (class index);
+    ``collate_fn`` batches them like the module's own loader (adds ``padding_mask`` where needed).
+    Where a nuisance factor exists (a voice, a writer), ``val`` should hold values of it that ``train``
+    lacks, so a probe cannot score by recognising it.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    class_names: list[str] | None = None
+
+
 class BaseDataModule(L.LightningDataModule):
     """Loader settings and skip accounting shared by every data module.
 
@@ -202,6 +222,11 @@ class BaseDataModule(L.LightningDataModule):
             if t is not None and t is not self.skips:
                 trackers.append(t)
         return merge_counts(*trackers)
+
+    def probe_sets(self) -> ProbeSets | None:
+        """The labelled task this data's encoder is probed on (online probe, end-of-run check,
+        `d2v-eval`), or None when the data module has none."""
+        return None
 
     def loader_kwargs(self) -> dict[str, Any]:
         return {
