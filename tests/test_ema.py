@@ -111,3 +111,21 @@ def test_fp32_shadow_when_teacher_is_low_precision() -> None:
 def test_bad_prefix_is_rejected() -> None:
     with pytest.raises(ValueError):
         EMATeacher(Toy(), copy_prefixes=["nope"])
+
+
+def test_schedule_sized_to_the_run() -> None:
+    """Short runs get a ramp over a share of the run and a teacher that averages over at most
+    ``max_horizon`` of it; a run of the reference's length keeps the reference decays."""
+    from d2v_train.objective.ema import resolve_schedule
+
+    short = resolve_schedule(0.999, 0.9999, 30000, 200, anneal_fraction=0.5, max_horizon=0.1)
+    assert short.anneal_steps == 100
+    assert short.decay == pytest.approx(0.95) and short.end_decay == pytest.approx(0.95)
+    assert short.at(0) == pytest.approx(0.95)
+    long = resolve_schedule(0.999, 0.9999, 30000, 400_000, max_horizon=0.1)
+    assert (long.decay, long.end_decay, long.anneal_steps) == (0.999, 0.9999, 30000)
+    assert long.at(15000) == pytest.approx(ema_decay_at(15000, 0.999, 0.9999, 30000))
+    unknown = resolve_schedule(0.999, 0.9999, 30000, None, anneal_fraction=0.5, max_horizon=0.1)
+    assert (unknown.decay, unknown.anneal_steps) == (0.999, 30000)
+    # a teacher of a 200-update run at 0.9998 keeps ~96% of its init; capped at 0.95 it keeps ~0%
+    assert 0.9998**200 > 0.9 and short.at(0) ** 200 < 1e-4

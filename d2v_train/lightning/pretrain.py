@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from d2v_train.objective.config import ObjectiveConfig
 from d2v_train.objective.decoder import RegressionHead
-from d2v_train.objective.ema import EMATeacher, ema_decay_at
+from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
 from d2v_train.objective.loss import all_reduce_sum, global_std, masked_regression_loss
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
 from d2v_train.objective.targets import build_targets
@@ -129,17 +129,35 @@ class Data2VecPretraining(L.LightningModule):
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
         self._ema_last_step = -1
+        self._ema_schedule: Optional[EMASchedule] = None  # resolved against the run's length at fit start
+        self.teacher_init_weight = 1.0  # share of the teacher still its initialisation: prod of decays so far
         self.skipped_steps = 0  # micro-batches whose loss was NaN / inf
         self.bad_streak = 0  # consecutive ones (reset by a finite loss)
         self._skip_update = False  # this update's window saw a non-finite loss
         self.last_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
+    def total_updates(self) -> Optional[int]:
+        """The run's optimizer updates (``optim.total_steps``, else the trainer's), None without a trainer."""
+        if self.optim.total_steps is not None:
+            return int(self.optim.total_steps)
+        if self._trainer is None:
+            return None
+        max_steps = self.trainer.max_steps
+        return int(max_steps) if max_steps and max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+
+    def ema_schedule(self) -> EMASchedule:
+        """The EMA ramp sized to this run (``objective.ema.anneal_fraction`` / ``max_horizon``)."""
+        if self._ema_schedule is None:
+            e = self.objective.ema
+            return resolve_schedule(
+                e.decay, e.end_decay, e.anneal_steps, self.total_updates(), e.anneal_fraction, e.max_horizon
+            )
+        return self._ema_schedule
+
     def ema_decay(self, step: Optional[int] = None) -> float:
         """Teacher decay after ``step`` optimizer updates (default: the current one)."""
-        e = self.objective.ema
-        step = self.global_step if step is None else step
-        return ema_decay_at(step, e.decay, e.end_decay, e.anneal_steps)
+        return self.ema_schedule().at(self.global_step if step is None else step)
 
     def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
         """Generator for this update / micro-batch / rank: same seed -> same masks, also after resume."""
@@ -268,6 +286,7 @@ class Data2VecPretraining(L.LightningModule):
         self.log("train/pred_std", out["pred_std"], **log)
         self.log("train/mask_frac", out["mask_frac"], **log)
         self.log("train/ema_decay", self.ema_decay(), **log)
+        self.log("train/teacher_init_weight", self.teacher_init_weight, **log)
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], **log)
         if finite:
@@ -277,6 +296,10 @@ class Data2VecPretraining(L.LightningModule):
             # backward whose gradients ``on_before_optimizer_step`` drops
             return out["loss"] * 0.0
         return None  # Lightning skips backward
+
+    def on_fit_start(self) -> None:
+        self._ema_schedule = None
+        self._ema_schedule = self.ema_schedule()
 
     def on_train_start(self) -> None:
         self._ema_last_step = self.global_step
@@ -295,24 +318,35 @@ class Data2VecPretraining(L.LightningModule):
         step = self.global_step + 1  # Lightning counts this update right after this hook returns
         if step > self._ema_last_step:
             if not self._skip_update:
-                self.teacher.step(self.student, self.ema_decay(step))
+                decay = self.ema_decay(step)
+                self.teacher.step(self.student, decay)
+                self.teacher_init_weight *= min(decay, 1.0)
             self._ema_last_step = step
         self._skip_update = False
 
     def configure_optimizers(self) -> Any:
-        total = self.optim.total_steps
-        if total is None:
-            max_steps = self.trainer.max_steps if self._trainer is not None else -1
-            total = max_steps if max_steps and max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        opt, sched = build_optimizer({"student": self.student, "head": self.head}, self.optim, int(total))
+        opt, sched = build_optimizer({"student": self.student, "head": self.head}, self.optim, int(self.total_updates()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["d2v_ema_last_step"] = self._ema_last_step
         checkpoint["d2v_skipped_steps"] = self.skipped_steps
         checkpoint["d2v_bad_streak"] = self.bad_streak
+        checkpoint["d2v_teacher_init_weight"] = self.teacher_init_weight
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._ema_last_step = int(checkpoint.get("d2v_ema_last_step", -1))
         self.skipped_steps = int(checkpoint.get("d2v_skipped_steps", 0))
         self.bad_streak = int(checkpoint.get("d2v_bad_streak", 0))
+        self.teacher_init_weight = float(checkpoint.get("d2v_teacher_init_weight", 1.0))
+
+    def on_train_end(self) -> None:
+        """Say so when the teacher hardly moved: its targets were then close to random features."""
+        if self.global_rank == 0 and self.global_step > 0 and self.teacher_init_weight > 0.9:
+            sched = self.ema_schedule()
+            _log.warning(
+                "the EMA teacher is still %.0f%% its initialisation after %d updates (decay %.6g -> %.6g): "
+                "its targets were close to random features. For a run this short set "
+                "objective.ema.max_horizon=0.1 (or lower objective.ema.decay / end_decay).",
+                100 * self.teacher_init_weight, self.global_step, sched.decay, sched.end_decay,
+            )  # fmt: skip

@@ -1,7 +1,7 @@
 """The data2vec objective, independent of Lightning: masks, EMA teacher, targets, head and loss."""
 
 from .decoder import RegressionHead, build_head
-from .ema import EMATeacher, ema_decay_at
+from .ema import EMASchedule, EMATeacher, ema_decay_at, resolve_schedule
 from .loss import all_reduce_sum, global_std, masked_regression_loss, regression_loss, world_size
 from .masking import (
     MaskingConfig,
@@ -18,6 +18,7 @@ from .masking import (
 from .targets import NORMS, batch_norm, build_targets, instance_norm, layer_norm, normalize
 
 __all__ = [
+    "EMASchedule",
     "EMATeacher",
     "MaskingConfig",
     "NORMS",
@@ -41,6 +42,7 @@ __all__ = [
     "normalize",
     "random_mask",
     "regression_loss",
+    "resolve_schedule",
     "span_mask",
     "world_size",
 ]

@@ -18,6 +18,12 @@ class EMAConfig:
     """Teacher decay schedule and which student parts are averaged, copied or shared.
 
     decay -> end_decay linearly over ``anneal_steps`` optimizer updates, then constant.
+    anneal_fraction: when set, the ramp spans this fraction of the run's updates instead of
+        ``anneal_steps`` (a ramp sized for 400k updates never starts in a 200-update run).
+    max_horizon: caps the teacher's averaging horizon 1 / (1 - tau) at this fraction of the run's
+        updates. The reference decays (0.999 -> 0.9999) average over 1k-10k updates: right for 400k
+        updates, but in a run of a few hundred the teacher would stay its random initialisation and
+        the targets random features. Runs of the reference's length are unaffected; null disables.
     copy: parameter-name prefixes copied from the student each update (reference ``skip_keys``).
     share: prefixes whose *outputs* the teacher takes from the student (audio CNN + projection).
     """
@@ -25,6 +31,8 @@ class EMAConfig:
     decay: float = 0.999
     end_decay: float = 0.9999
     anneal_steps: int = 30000
+    anneal_fraction: Optional[float] = None
+    max_horizon: Optional[float] = None
     copy: list[str] = field(default_factory=list)
     share: list[str] = field(default_factory=list)
 
@@ -91,6 +99,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.ema.decay <= 1.0 or not 0.0 <= self.ema.end_decay <= 1.0:
             raise ValueError("objective.ema.decay and end_decay must lie in [0, 1]")
+        for key in ("anneal_fraction", "max_horizon"):
+            value = getattr(self.ema, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"objective.ema.{key} must lie in (0, 1] (a fraction of the run's updates) or be null, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

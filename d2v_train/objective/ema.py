@@ -20,12 +20,13 @@ The update is one ``torch._foreach_lerp_`` over all averaged tensors, not a per-
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ema_decay_at", "EMATeacher"]
+__all__ = ["EMASchedule", "EMATeacher", "ema_decay_at", "resolve_schedule"]
 
 
 def ema_decay_at(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -33,6 +34,42 @@ def ema_decay_at(step: int, start: float, end: float, anneal_steps: int) -> floa
     if anneal_steps <= 0 or step >= anneal_steps:
         return float(end)
     return float(end - (end - start) * (1.0 - step / anneal_steps))
+
+
+@dataclass(frozen=True)
+class EMASchedule:
+    """The decay ramp of one run, resolved against its length (``resolve_schedule``)."""
+
+    decay: float
+    end_decay: float
+    anneal_steps: int
+
+    def at(self, step: int) -> float:
+        return ema_decay_at(step, self.decay, self.end_decay, self.anneal_steps)
+
+
+def resolve_schedule(
+    decay: float,
+    end_decay: float,
+    anneal_steps: int,
+    total_steps: Optional[int],
+    anneal_fraction: Optional[float] = None,
+    max_horizon: Optional[float] = None,
+) -> EMASchedule:
+    """Sizes the ramp to a run of ``total_steps`` updates.
+
+    ``anneal_fraction`` replaces ``anneal_steps`` by that share of the run; ``max_horizon`` caps each
+    decay at ``1 - 1 / (max_horizon * total_steps)`` so the teacher averages over at most that share
+    of the run. Without a known length (``total_steps`` None or <= 0) the values are taken as given.
+    """
+    if not total_steps or total_steps <= 0:
+        return EMASchedule(float(decay), float(end_decay), int(anneal_steps))
+    if anneal_fraction is not None:
+        anneal_steps = max(1, round(anneal_fraction * total_steps))
+    if max_horizon is not None:
+        cap = max(0.0, 1.0 - 1.0 / (max_horizon * total_steps))
+        decay, end_decay = min(decay, cap), min(end_decay, cap)
+    return EMASchedule(float(decay), float(end_decay), int(anneal_steps))
 
 
 def _matches(name: str, prefixes: Iterable[str]) -> bool:
