@@ -25,7 +25,7 @@ USAGE: dict[str, tuple[Optional[str], str]] = {
     "Data2VecTextForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
     "Data2VecTextForMultipleChoice": (None, "AutoModelForMultipleChoice"),
     "Data2VecTextForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
-    "Data2VecTextForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
+    "Data2VecTextForQuestionAnswering": (None, "AutoModelForQuestionAnswering"),  # pipeline gone in transformers 5
     "Data2VecVisionForImageClassification": ("image-classification", "AutoModelForImageClassification"),
     "Data2VecVisionForSemanticSegmentation": ("image-segmentation", "AutoModelForSemanticSegmentation"),
 }
@@ -34,6 +34,7 @@ _HUB_TAG = {
     "Data2VecAudioModel": "feature-extraction",
     "Data2VecAudioForAudioFrameClassification": "audio-classification",
     "Data2VecTextForMultipleChoice": "multiple-choice",
+    "Data2VecTextForQuestionAnswering": "question-answering",
 }
 _PREPROCESSOR_CLASS = {"audio": "AutoFeatureExtractor", "text": "AutoTokenizer", "vision": "AutoImageProcessor"}
 _EXAMPLE_INPUT = {
