@@ -9,7 +9,8 @@
 directory or a transformers Data2Vec directory; ``null`` starts from a random encoder (``encoder=``).
 The run directory gets ``config.yaml``, ``metrics.csv``, ``checkpoints/{best,last}.ckpt`` (best by the
 task's metric), ``result.json`` and, with ``export=true``, the best model as a transformers
-directory under ``model/`` (plus ``vocab.json`` for CTC).
+directory under ``model/`` (a complete Hub model: preprocessor / tokenizer files, ``vocab.json`` for
+CTC, a ``README.md`` model card; see docs/export.md).
 """
 
 from __future__ import annotations

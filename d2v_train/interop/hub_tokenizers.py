@@ -51,7 +51,7 @@ def write_text_tokenizer(source: Path, directory: Path, encoder_config: Any) -> 
         tokenizer.post_processor = processors.RobertaProcessing(
             (names["eos"], ids["eos"]), (names["bos"], ids["bos"]), trim_offsets=True, add_prefix_space=False
         )
-    text = tokenizer.to_str()
+    text = tokenizer.to_str(pretty=True)
     atomic_write(directory / TOKENIZER_FILE, lambda tmp: tmp.write_text(text))
     special = {_ROLE_KEYS[role]: name for role, name in names.items()}
     special.update(cls_token=names["bos"], sep_token=names["eos"])

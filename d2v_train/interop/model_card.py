@@ -97,11 +97,12 @@ def _training_lines(record: RunRecord, architecture: str) -> list[str]:
 def _metrics_lines(record: RunRecord) -> list[str]:
     if not record.metrics:
         return ["No metrics were recorded with this model."]
-    shown = {k: v for k, v in record.metrics.items() if not k.startswith(("epoch", "lr", "time/", "data/", "global_step"))}
+    shown = {k: v for k, v in record.metrics.items()
+             if not k.startswith(("epoch", "lr", "time/", "data/", "global_step")) and not k.endswith("/lr")}
     rows = ["| metric | last value |", "|---|---|"]
     rows += [f"| {k} | {_fmt(v)} |" for k, v in sorted(shown.items())]
-    where = f" (`metrics.csv`, last logged update {record.step:,})" if record.step is not None else ""
-    return [f"Final values from the run's log{where}:", "", *rows]
+    where = f" (last logged update {record.step:,})" if record.step is not None else ""
+    return [f"Last values the run logged{where}:", "", *rows]
 
 
 def _usage(architecture: str, modality: str) -> list[str]:
