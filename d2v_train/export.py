@@ -75,7 +75,8 @@ def export(source: LoadedModel, output_dir: Path, fmt: str, record: Optional[Run
         notes = _pooler_note(source, include_pooler)
     files = [output_dir / "model.safetensors", output_dir / "config.json"]
     if record is None:
-        record = read_run(source.path, source.kind, source.extras.get("hparams"), source.weights)
+        record = read_run(source.path, source.kind, source.extras.get("hparams"), source.weights,
+                          source.extras.get("global_step"))
     files += write_hub_files(source.model, architecture, output_dir, record, tokenizer=source.tokenizer,
                              ctc_vocab=source.extras.get("vocab"), notes=notes)
     return files

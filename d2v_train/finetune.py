@@ -330,7 +330,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logged, step = read_metrics(run_dir / METRICS_FILE)
                 record = RunRecord(kind="finetuning", source=Path(best_path) if best_path else None, run_dir=run_dir,
                                    config=_container(cfg), hparams=dict(module.hparams), metrics={**logged, **metrics},
-                                   step=step if step is not None else trainer.global_step, datamodule=dm)
+                                   step=step, updates=trainer.global_step, datamodule=dm)
                 tokenizer = getattr(dm, "tokenizer_path", None)
                 export_best(module, best_path, run_dir / "model", record, Path(tokenizer) if tokenizer else None)
             except (TypeError, ValueError) as e:  # e.g. a head without a transformers class

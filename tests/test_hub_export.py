@@ -59,7 +59,7 @@ def _save(model, tmp_path: Path, data: dict, kind: str = "finetuning", **extras)
     """Our export of ``model`` as if it came from a run whose data config is ``data``."""
     torch.manual_seed(0)
     model.eval()
-    record = RunRecord(kind=kind, config={"data": data} if data else {}, step=7, metrics={"val/acc": 0.5})
+    record = RunRecord(kind=kind, config={"data": data} if data else {}, step=6, updates=7, metrics={"val/acc": 0.5})
     out = tmp_path / "export"
     source = LoadedModel(model, kind, tmp_path / "run" / "checkpoints" / "last.ckpt", extras=extras)
     export(source, out, "hf", record)
@@ -91,7 +91,7 @@ def _image(size=(32, 32), seed=0, grey=False) -> Image.Image:
 
 def _digits_pixels(image: Image.Image, pre: dict) -> torch.Tensor:
     """What DigitsDataModule does to a [0, 1] image already at the encoder size: standardise."""
-    x = torch.as_tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    x = torch.as_tensor(np.array(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
     return (x - pre["image_mean"][0]) / pre["image_std"][0]
 
 
@@ -401,3 +401,49 @@ def test_push_to_hub_uploads_the_export(tmp_path, monkeypatch):
     assert create["repo_id"] == "me/tiny-d2v" and create["private"] is True and create["exist_ok"]
     assert upload["repo_id"] == "me/tiny-d2v" and Path(upload["folder_path"]) == tmp_path / "out"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(names)
+
+
+def test_push_to_hub_refusals_are_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+    from omegaconf import OmegaConf
+
+    from d2v_train.cli import ConfigError, UserError
+    from d2v_train.export import run, validate
+    from d2v_train.interop.transformers import save_transformers
+
+    base = {"checkpoint": str(tmp_path / "src"), "output_dir": str(tmp_path / "out"), "format": "hf",
+            "weights": "student", "private": None}
+    with pytest.raises(ConfigError, match="push_to_hub='a/b/c'"):
+        validate(OmegaConf.create({**base, "push_to_hub": "a/b/c"}))
+    with pytest.raises(ConfigError, match="with format=hf"):
+        validate(OmegaConf.create({**base, "format": "safetensors", "push_to_hub": "me/x"}))
+
+    class OfflineApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, **kwargs):
+            raise OSError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    save_transformers(build_encoder("vision", VISION), tmp_path / "src")
+    with pytest.raises(UserError, match=r"export in .* is complete, but the upload to me/x failed: Name or service") as err:
+        run(OmegaConf.create({**base, "push_to_hub": "me/x"}))
+    assert "\n" not in str(err.value) and (tmp_path / "out" / "README.md").is_file()
+
+
+def test_transformers_source_keeps_its_own_preprocessing(tmp_path):
+    """Re-exporting a transformers directory carries its preprocessor instead of guessing one."""
+    from d2v_train.interop.transformers import save_transformers
+
+    save_transformers(build_encoder("vision", VISION), tmp_path / "src")
+    own = {"image_processor_type": "BeitImageProcessor", "size": {"height": 32, "width": 32},
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (tmp_path / "src" / "preprocessor_config.json").write_text(json.dumps(own))
+    from d2v_train.export import export as write
+    from d2v_train.interop.sources import load_source
+
+    write(load_source(tmp_path / "src"), tmp_path / "out", "hf")
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text()) == own
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "carried over from the source model" in card and "not recorded" in card

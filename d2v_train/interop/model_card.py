@@ -81,7 +81,12 @@ def _training_lines(record: RunRecord, architecture: str) -> list[str]:
         lines.append(f"- Objective: supervised fine-tuning for `{task}` ({architecture}), starting from {start}.")
     lines.append(f"- Data: {_data_line(record)}.")
     trainer = config.get("trainer") or {}
-    steps = f"{record.step:,} updates logged" if record.step is not None else "update count not logged"
+    if record.updates is not None:
+        steps = f"{record.updates:,} updates"
+    elif record.step is not None:
+        steps = f"about {record.step:,} updates (the last logged step)"
+    else:
+        steps = "the number of updates is not recorded"
     if trainer.get("max_steps") not in (None, -1):
         steps += f" (max_steps={trainer['max_steps']})"
     lines.append(f"- Training: {steps}.")
@@ -101,7 +106,7 @@ def _metrics_lines(record: RunRecord) -> list[str]:
              if not k.startswith(("epoch", "lr", "time/", "data/", "global_step")) and not k.endswith("/lr")}
     rows = ["| metric | last value |", "|---|---|"]
     rows += [f"| {k} | {_fmt(v)} |" for k, v in sorted(shown.items())]
-    where = f" (last logged update {record.step:,})" if record.step is not None else ""
+    where = f" (last logged at step {record.step:,})" if record.step is not None else ""
     return [f"Last values the run logged{where}:", "", *rows]
 
 

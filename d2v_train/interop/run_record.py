@@ -25,7 +25,8 @@ class RunRecord:
 
     ``config``: the resolved run config (``config.yaml``), ``{}`` when unknown. ``hparams``: the
     checkpoint's hyper-parameters. ``metrics``: the last logged value of each ``metrics.csv``
-    column. ``step``: the last logged update. ``datamodule``: the live data module when the export
+    column. ``step``: the step of the last ``metrics.csv`` row. ``updates``: the optimizer updates
+    the weights received (the checkpoint's ``global_step``). ``datamodule``: the live data module when the export
     happens inside the run (fitted statistics are then read from it, not recomputed).
     """
 
@@ -37,6 +38,7 @@ class RunRecord:
     hparams: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     step: Optional[int] = None
+    updates: Optional[int] = None
     datamodule: Any = None
 
     @property
@@ -92,10 +94,17 @@ def read_metrics(path: Path) -> tuple[dict[str, float], Optional[int]]:
     return last, step
 
 
-def read_run(source: Path, kind: str, hparams: Optional[dict[str, Any]] = None, weights: str = "student") -> RunRecord:
+def read_run(
+    source: Path,
+    kind: str,
+    hparams: Optional[dict[str, Any]] = None,
+    weights: str = "student",
+    updates: Optional[int] = None,
+) -> RunRecord:
     """The record for a model read from ``source`` (a checkpoint or a model directory)."""
     run_dir = run_dir_of(Path(source)) if kind in ("pretraining", "finetuning") else None
-    record = RunRecord(kind=kind, source=Path(source), run_dir=run_dir, weights=weights, hparams=dict(hparams or {}))
+    record = RunRecord(kind=kind, source=Path(source), run_dir=run_dir, weights=weights, hparams=dict(hparams or {}),
+                       updates=int(updates) if updates is not None else None)
     if run_dir is not None:
         record.config = read_config(run_dir)
         record.metrics, record.step = read_metrics(run_dir / METRICS_FILE)
