@@ -42,19 +42,24 @@ def write_text_tokenizer(source: Path, directory: Path, encoder_config: Any) -> 
     ``special_tokens_map.json`` for the text model in ``directory``."""
     from tokenizers import Tokenizer, processors
 
-    from ..data.tokenizer import special_token_ids
+    from ..data.tokenizer import ROLE_NAMES
 
     tokenizer = Tokenizer.from_file(str(source))
-    ids = special_token_ids(tokenizer)  # every RoBERTa role: an error names the one missing
-    names = {role: tokenizer.id_to_token(i) for role, i in ids.items()}
-    if tokenizer.post_processor is None:
+    names: dict[str, str] = {}
+    for role, spellings in ROLE_NAMES.items():  # RoBERTa spellings first, then BERT's
+        found = next((n for n in spellings if tokenizer.token_to_id(n) is not None), None)
+        if found is not None:
+            names[role] = found
+    if tokenizer.post_processor is None and "bos" in names and "eos" in names:
         tokenizer.post_processor = processors.RobertaProcessing(
-            (names["eos"], ids["eos"]), (names["bos"], ids["bos"]), trim_offsets=True, add_prefix_space=False
+            (names["eos"], tokenizer.token_to_id(names["eos"])), (names["bos"], tokenizer.token_to_id(names["bos"])),
+            trim_offsets=True, add_prefix_space=False,
         )
     text = tokenizer.to_str(pretty=True)
     atomic_write(directory / TOKENIZER_FILE, lambda tmp: tmp.write_text(text))
     special = {_ROLE_KEYS[role]: name for role, name in names.items()}
-    special.update(cls_token=names["bos"], sep_token=names["eos"])
+    if "bos" in names and "eos" in names:
+        special.update(cls_token=names["bos"], sep_token=names["eos"])
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
