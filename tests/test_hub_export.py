@@ -447,3 +447,17 @@ def test_transformers_source_keeps_its_own_preprocessing(tmp_path):
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text()) == own
     card = (tmp_path / "out" / "README.md").read_text()
     assert "carried over from the source model" in card and "not recorded" in card
+
+
+def test_ctc_export_without_tokenizer_config_is_completed(tmp_path):
+    """An older export (weights + vocab.json only) re-exported gains a working CTC tokenizer."""
+    from d2v_train.export import export as write
+    from d2v_train.interop.heads import save_transformers_task
+    from d2v_train.interop.sources import load_source
+
+    model = build_head("ctc", build_encoder("audio", AUDIO), vocab_size=len(CHARS), pad_token_id=0)
+    save_transformers_task(model, tmp_path / "old")
+    (tmp_path / "old" / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(CHARS)}))
+    write(load_source(tmp_path / "old"), tmp_path / "new", "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "new")
+    assert tokenizer.pad_token == "<blank>" and tokenizer.decode([5, 0, 4, 6, 6, 0, 6, 10, 7, 7]) == "hell o"

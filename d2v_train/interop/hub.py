@@ -15,8 +15,8 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .files import atomic_write, save_json
-from .hub_tokenizers import TOKENIZER_CONFIG, TOKENIZER_FILE, write_ctc_tokenizer, write_text_tokenizer
+from .files import atomic_write, load_json, save_json
+from .hub_tokenizers import TOKENIZER_CONFIG, TOKENIZER_FILE, VOCAB_FILE, write_ctc_tokenizer, write_text_tokenizer
 from .model_card import model_card
 from .preprocessing import PREPROCESSOR_FILE, preprocessor_config
 from .run_record import RunRecord
@@ -40,6 +40,17 @@ def _carry(source: Optional[Path], directory: Path) -> list[Path]:
             atomic_write(directory / name, lambda tmp, data=data: tmp.write_bytes(data))
             copied.append(directory / name)
     return copied
+
+
+def _carried_vocab(path: Optional[Path]) -> Optional[list[str]]:
+    """Symbols of a carried ``vocab.json`` (``{symbol: id}``) in id order, when the ids are 0..n-1."""
+    if path is None:
+        return None
+    vocab = load_json(path)
+    ids = sorted(vocab.values()) if all(isinstance(v, int) for v in vocab.values()) else []
+    if ids != list(range(len(vocab))):
+        return None
+    return [s for s, _ in sorted(vocab.items(), key=lambda item: item[1])]
 
 
 def write_hub_files(
@@ -78,6 +89,7 @@ def write_hub_files(
             notes.append("No tokenizer was found with the source, so none is included: encode text with the "
                          "tokenizer the encoder was trained with.")
     if architecture == "Data2VecAudioForCTC" and TOKENIZER_CONFIG not in have:
+        ctc_vocab = ctc_vocab or _carried_vocab(directory / VOCAB_FILE if VOCAB_FILE in have else None)
         if ctc_vocab:
             blank = int(getattr(model, "settings", {}).get("pad_token_id", 0))
             files += write_ctc_tokenizer(ctc_vocab, blank, directory)
