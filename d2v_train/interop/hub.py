@@ -9,7 +9,6 @@ source directory already had (its own preprocessor or tokenizer) are carried ove
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,7 +20,6 @@ from .model_card import model_card
 from .preprocessing import PREPROCESSOR_FILE, preprocessor_config
 from .run_record import RunRecord
 
-log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 # what a transformers directory may carry besides its weights, kept when it is re-exported
