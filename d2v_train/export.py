@@ -12,9 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from .cli import ConfigError, run_app
+from .cli import ConfigError, UserError, run_app
 from .interop import save_encoder, save_transformers
+from .interop.hub import push_to_hub, write_hub_files
+from .interop.run_record import RunRecord, read_run
 from .interop.sources import TOKENIZER_FILE, LoadedModel, load_source
+from .interop.transformers import BASE_CLASS
 
 FORMATS = ("hf", "safetensors")
 
@@ -24,26 +27,58 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"format={cfg.format!r} is not one of {list(FORMATS)}")
     if cfg.weights not in ("student", "teacher"):
         raise ConfigError(f"weights={cfg.weights!r}: expected 'student' or 'teacher'")
+    repo = cfg.get("push_to_hub")
+    if repo is not None and (cfg.format != "hf" or not isinstance(repo, str) or not repo.strip() or repo.count("/") > 1):
+        raise ConfigError(f"push_to_hub={repo!r}: expected a Hub repository id such as 'user/model-name', with format=hf")
 
 
-def export(source: LoadedModel, output_dir: Path, fmt: str) -> list[Path]:
-    """Writes ``source`` to ``output_dir`` in ``fmt``; returns the files written. A text model's
-    ``tokenizer.json`` travels with it."""
+def _pooler_note(source: LoadedModel, include: bool) -> list[str]:
+    encoder = source.encoder
+    if encoder.modality != "text":
+        return []
+    if include and encoder.pooler is not None:
+        return ["The pooler (`pooler_output`) is included as the source had it."]
+    why = "data2vec pretraining never trains it" if source.kind == "pretraining" else "the source has none"
+    return [f"The pooler (`pooler_output`) is not included: {why}. transformers initialises a new, untrained one "
+            "when it loads `Data2VecTextModel` (and says so); use `last_hidden_state` (e.g. the first token or "
+            "the mean over tokens) as the sequence representation."]
+
+
+def export(source: LoadedModel, output_dir: Path, fmt: str, record: Optional[RunRecord] = None) -> list[Path]:
+    """Writes ``source`` to ``output_dir`` in ``fmt``; returns the files written.
+
+    ``hf``: the weights as the matching transformers class plus what transformers' Auto classes and
+    ``pipeline()`` need (preprocessor / tokenizer files) and a ``README.md`` model card, derived
+    from the run's records (``record``; read from beside the checkpoint when not given).
+    ``safetensors``: our own encoder format; a text model's ``tokenizer.json`` travels with it.
+    """
+    output_dir = Path(output_dir)
     if fmt == "safetensors":
         save_encoder(source.encoder, output_dir)
         files = [output_dir / "encoder.safetensors", output_dir / "config.json"]
-    else:
-        if source.model is not source.encoder:
-            from .interop.heads import save_transformers_task
+        tokenizer = source.tokenizer
+        if tokenizer is not None and tokenizer.resolve() != (output_dir / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tokenizer, output_dir / TOKENIZER_FILE)
+            files.append(output_dir / TOKENIZER_FILE)
+        return files
+    notes: list[str] = []
+    if source.model is not source.encoder:
+        from .interop.heads import save_transformers_task
 
-            save_transformers_task(source.model, output_dir)
-        else:
-            save_transformers(source.model, output_dir)
-        files = [output_dir / "model.safetensors", output_dir / "config.json"]
-    tokenizer = source.tokenizer
-    if tokenizer is not None and tokenizer.resolve() != (output_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer, output_dir / TOKENIZER_FILE)
-        files.append(output_dir / TOKENIZER_FILE)
+        save_transformers_task(source.model, output_dir)
+        architecture = source.model.architecture
+    else:
+        # a pretraining checkpoint's text pooler was never trained: it is left out, not shipped as if trained
+        include_pooler = source.kind != "pretraining"
+        save_transformers(source.model, output_dir, include_pooler=include_pooler)
+        architecture = BASE_CLASS[source.encoder.modality]
+        notes = _pooler_note(source, include_pooler)
+    files = [output_dir / "model.safetensors", output_dir / "config.json"]
+    if record is None:
+        record = read_run(source.path, source.kind, source.extras.get("hparams"), source.weights,
+                          source.extras.get("global_step"))
+    files += write_hub_files(source.model, architecture, output_dir, record, tokenizer=source.tokenizer,
+                             ctc_vocab=source.extras.get("vocab"), notes=notes)
     return files
 
 
@@ -72,6 +107,14 @@ def run(cfg: Any) -> list[Path]:
     with torch.no_grad():
         files = export(source, output_dir, cfg.format)
     print(summary(source, files, cfg.format), flush=True)
+    repo = cfg.get("push_to_hub")
+    if repo:
+        try:
+            push_to_hub(output_dir, repo, private=cfg.get("private"))
+        except Exception as err:  # network, credentials, permissions: the export itself is complete
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"the export in {output_dir} is complete, but the upload to {repo} failed: {first}") from None
+        print(f"d2v-export: uploaded {output_dir} to https://huggingface.co/{repo}", flush=True)
     return files
 
 

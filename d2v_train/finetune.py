@@ -9,7 +9,8 @@
 directory or a transformers Data2Vec directory; ``null`` starts from a random encoder (``encoder=``).
 The run directory gets ``config.yaml``, ``metrics.csv``, ``checkpoints/{best,last}.ckpt`` (best by the
 task's metric), ``result.json`` and, with ``export=true``, the best model as a transformers
-directory under ``model/`` (plus ``vocab.json`` for CTC).
+directory under ``model/`` (a complete Hub model: preprocessor / tokenizer files, ``vocab.json`` for
+CTC, a ``README.md`` model card; see docs/export.md).
 """
 
 from __future__ import annotations
@@ -278,17 +279,20 @@ def _job_num() -> Optional[int]:
     return int(num) if num is not None else None
 
 
-def export_best(module: Any, best_path: str, out_dir: Path) -> Optional[Path]:
-    """The best checkpoint's weights as a transformers directory (+ vocab.json for CTC)."""
+def export_best(module: Any, best_path: str, out_dir: Path, record: Any = None, tokenizer: Optional[Path] = None) -> Optional[Path]:
+    """The best checkpoint's weights as a complete transformers directory: weights, preprocessor /
+    tokenizer files (``vocab.json`` for CTC) and a model card from ``record`` (the run's records)."""
     from d2v_train.interop import save_transformers_task
     from d2v_train.interop.files import torch_load_safely
+    from d2v_train.interop.hub import write_hub_files
+    from d2v_train.interop.run_record import RunRecord
 
     if best_path and Path(best_path).is_file():
         state = torch_load_safely(Path(best_path))["state_dict"]
         module.load_state_dict(state)
     save_transformers_task(module.model, out_dir)
-    if module.vocab:
-        (out_dir / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(module.vocab)}, indent=1))
+    write_hub_files(module.model, module.model.architecture, out_dir, record or RunRecord(kind="finetuning"),
+                    tokenizer=tokenizer, ctc_vocab=module.vocab)
     return out_dir
 
 
@@ -321,7 +325,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if cfg.get("export", True) and not getattr(trainer, "interrupted", False):
             try:
-                export_best(module, best_path, run_dir / "model")
+                from d2v_train.interop.run_record import METRICS_FILE, RunRecord, read_metrics
+
+                logged, step = read_metrics(run_dir / METRICS_FILE)
+                record = RunRecord(kind="finetuning", source=Path(best_path) if best_path else None, run_dir=run_dir,
+                                   config=_container(cfg), hparams=dict(module.hparams), metrics={**logged, **metrics},
+                                   step=step, updates=trainer.global_step, datamodule=dm)
+                tokenizer = getattr(dm, "tokenizer_path", None)
+                export_best(module, best_path, run_dir / "model", record, Path(tokenizer) if tokenizer else None)
             except (TypeError, ValueError) as e:  # e.g. a head without a transformers class
                 log.warning("export skipped: %s", e)
         record_job(run_dir, _overrides(), "ok", metrics, job_num=_job_num())

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import load_file
 
 import d2v_train
 from d2v_train.cli import ConfigError
 from d2v_train.export import run
 from d2v_train.interop import save_transformers
-from d2v_train.interop.files import torch_load_safely
+from d2v_train.interop.files import current_umask, torch_load_safely
 from d2v_train.interop.sources import encoder_from_pretraining
 from d2v_train.models import build_encoder
 
@@ -53,6 +54,16 @@ def test_hf_export_loads_in_transformers_with_same_outputs(pretrain_ckpt, tmp_pa
     pixels = torch.randn(2, 3, student.config.image_size, student.config.image_size)
     with torch.no_grad():
         assert (model.eval()(pixels).last_hidden_state - student(pixels).last_hidden_state).abs().max() <= 1e-5
+    # a complete Hub model: the digits preprocessing of the run, a card from its records, normal modes
+    from d2v_train.data import DigitsDataModule
+
+    digits = DigitsDataModule(image_size=student.config.image_size)
+    digits.setup("fit")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert list(processor.image_mean) == [digits.mean] * 3 and list(processor.image_std) == [digits.std] * 3
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "DigitsDataModule" in card and "max_steps=4" in card and "| train/loss |" in card
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {oct(0o666 & ~current_umask())}
 
 
 def test_teacher_weights_and_safetensors_format(pretrain_ckpt, tmp_path):
@@ -105,7 +116,7 @@ def test_finetuned_checkpoint_exports_to_its_task_class(pretrain_ckpt, tmp_path)
     run_dir = tmp_path / "ft"
     done = subprocess.run(
         [sys.executable, "-m", "d2v_train.finetune", f"pretrained={pretrain_ckpt}", f"hydra.run.dir={run_dir}",
-         "trainer.max_steps=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "export=false"],
+         "trainer.max_steps=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "export=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,6 +134,17 @@ def test_finetuned_checkpoint_exports_to_its_task_class(pretrain_ckpt, tmp_path)
         assert (model.eval()(pixels).logits - ours(pixels).logits).abs().max() <= 1e-5
     export(ckpt, tmp_path / "enc", format="safetensors")
     assert d2v_train.load_encoder(tmp_path / "enc").modality == "vision"
+    # the run's own export (export=true): the image-classification pipeline answers as the model does
+    pipe = transformers.pipeline("image-classification", model=str(run_dir / "model"))
+    grey = torch.randint(0, 256, (size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = Image.fromarray(grey.numpy()).convert("RGB")
+    processor = pipe.image_processor
+    x = (grey.float() / 255 - processor.image_mean[0]) / processor.image_std[0]
+    with torch.no_grad():
+        predicted = int(ours(x.expand(1, 3, -1, -1)).logits.argmax())
+    assert pipe(image, top_k=1)[0]["label"] == ours.settings["id2label"][str(predicted)]
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "| train/loss |" in card and "3 updates" in card
 
 
 def test_text_tokenizer_travels_from_pretraining_to_export_and_finetuning(tmp_path):
@@ -137,7 +159,16 @@ def test_text_tokenizer_travels_from_pretraining_to_export_and_finetuning(tmp_pa
     assert tokenizer.is_file()
     files = export(run_dir / "checkpoints" / "last.ckpt", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json") in files
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    # the same vocabulary, with the <s> A </s> layout added for transformers' tokenizer
+    from tokenizers import Tokenizer
+
+    ours, exported = Tokenizer.from_file(str(tokenizer)), Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    text = "Return the sum of two numbers."
+    assert exported.get_vocab() == ours.get_vocab()
+    assert exported.encode(text).ids == [0, *ours.encode(text, add_special_tokens=False).ids, 2]
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    encoder = transformers.AutoModel.from_pretrained(tmp_path / "hf")
+    assert auto.model_max_length == encoder.config.max_position_embeddings - 2
     # the fine-tuning data would train a 4096-token BPE; the pretrained encoder knows 600 tokens
     done = subprocess.run(
         [sys.executable, "-m", "d2v_train.finetune", "head=token_classification",

@@ -19,7 +19,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes through a temporary file (``.<name>.<random>.tmp``) in the same folder, fsyncs it,
     then renames it over ``path`` and fsyncs the folder.
 
-    A crash mid-write leaves the previous file (if any) intact, never a truncated one.
+    A crash mid-write leaves the previous file (if any) intact, never a truncated one. The file
+    gets the mode a plain ``open()`` would give it (0666 less the umask): ``mkstemp`` creates
+    0600 files, which others on a shared volume could not read.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +29,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -34,6 +37,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process umask: from ``/proc/self/status`` where Linux offers it (no side effect), else
+    read by setting and restoring it (POSIX has no getter)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

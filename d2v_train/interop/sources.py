@@ -115,9 +115,11 @@ def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head
         return LoadedModel(load_fairseq(path), "fairseq", path)
     hparams = checkpoint.get("hyper_parameters") or {}
     if hparams.get("task"):
-        extras = {"vocab": hparams.get("vocab"), "classes": hparams.get("classes"), "head": hparams.get("head") or {}}
+        extras = {"vocab": hparams.get("vocab"), "classes": hparams.get("classes"), "head": hparams.get("head") or {},
+                  "hparams": dict(hparams), "global_step": checkpoint.get("global_step")}
         return LoadedModel(model_from_finetuning(checkpoint, str(path)), "finetuning", path, extras=extras)
-    return LoadedModel(encoder_from_pretraining(checkpoint, weights, str(path)), "pretraining", path, weights)
+    return LoadedModel(encoder_from_pretraining(checkpoint, weights, str(path)), "pretraining", path, weights,
+                       extras={"hparams": dict(hparams), "global_step": checkpoint.get("global_step")})
 
 
 def torch_load_safely_or_fairseq(path: Path) -> Optional[dict[str, Any]]:

@@ -124,20 +124,22 @@ def load_transformers(path: Union[str, Path], *, ignore_head: bool = False) -> E
     return encoder.eval()  # like transformers' from_pretrained: ready for inference
 
 
-def encoder_to_transformers(encoder: nn.Module, architecture: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config.json contents, transformers-named weights) for ``encoder``."""
+def encoder_to_transformers(
+    encoder: nn.Module, architecture: str | None = None, include_pooler: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config.json contents, transformers-named weights) for ``encoder``.
+
+    A text encoder's pooler is written only when it has one and ``include_pooler`` (the data2vec
+    objective never trains it: exports of pretrained encoders leave it out). Without it,
+    transformers' ``Data2VecTextModel`` initialises a pooler at load and warns that it is new,
+    which is the truth: a random pooler written into the file would look trained.
+    """
     modality = getattr(encoder, "modality", None)
     if modality not in ENCODERS or not isinstance(encoder, ENCODERS[modality][0]):
         raise TypeError(f"expected a d2v_train encoder (audio, text or vision), got {type(encoder).__name__}")
     state = keymaps.to_transformers(modality, encoder.state_dict())
-    if modality == "text" and encoder.pooler is None:
-        # Data2VecTextModel always builds a pooler; give it a freshly initialised one (the
-        # data2vec objective never trains it) so the export loads with no missing keys.
-        dim = encoder.config.hidden_size
-        generator = torch.Generator().manual_seed(0)
-        state["pooler.dense.weight"] = torch.randn(dim, dim, generator=generator) * encoder.config.initializer_range
-        state["pooler.dense.bias"] = torch.zeros(dim)
-        log.warning("text encoder has no pooler: exporting a freshly initialised pooler (unused by data2vec)")
+    if modality == "text" and not include_pooler:
+        state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     if modality == "vision" and architecture in (None, BASE_CLASS["vision"]) and encoder.pool_norm is not None:
         # Data2VecVisionModel is built without a pooler; its mean-pooling norm belongs to
         # Data2VecVisionForImageClassification, so the bare-model export leaves it out.
@@ -148,10 +150,11 @@ def encoder_to_transformers(encoder: nn.Module, architecture: str | None = None)
     return config, state
 
 
-def save_transformers(encoder: nn.Module, path: Union[str, Path]) -> Path:
-    """Writes ``config.json`` + ``model.safetensors`` that ``Data2Vec*Model.from_pretrained`` loads."""
+def save_transformers(encoder: nn.Module, path: Union[str, Path], *, include_pooler: bool = True) -> Path:
+    """Writes ``config.json`` + ``model.safetensors`` that ``Data2Vec*Model.from_pretrained`` loads
+    (a text encoder's pooler only when it has one and ``include_pooler``)."""
     directory = Path(path)
-    config, state = encoder_to_transformers(encoder)
+    config, state = encoder_to_transformers(encoder, include_pooler=include_pooler)
     save_safetensors(state, directory / "model.safetensors")
     save_json(config, directory / "config.json")
     return directory
