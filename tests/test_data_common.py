@@ -132,3 +132,20 @@ def test_few_label_training_uses_every_label() -> None:
     full = DigitsDataModule(batch_size=64, image_size=8)
     full.setup("fit")
     assert all(len(b["labels"]) == 64 for b in full.train_dataloader())  # a small tail is still dropped
+
+
+def test_digits_augmentation_is_seeded_per_batch() -> None:
+    """Shift/scale augmentation changes the training pixels, the same way every time the same batch
+    is drawn (so a resumed run sees the same images), and leaves labels and validation alone."""
+    from d2v_train.data import DigitsDataModule
+
+    plain = DigitsDataModule(image_size=16)
+    aug = DigitsDataModule(image_size=16, max_shift=0.1, max_scale=0.1)
+    for dm in (plain, aug):
+        dm.setup("fit")
+    a1, a2, p = (next(iter(dm.train_dataloader())) for dm in (aug, aug, plain))
+    assert torch.equal(a1["inputs"], a2["inputs"]) and torch.equal(a1["labels"], p["labels"])
+    assert (a1["inputs"] - p["inputs"]).abs().mean() > 0.05
+    assert torch.allclose(a1["inputs"].mean(), p["inputs"].mean(), atol=0.2)  # background stays background
+    va, vp = next(iter(aug.val_dataloader())), next(iter(plain.val_dataloader()))
+    assert torch.equal(va["inputs"], vp["inputs"])

@@ -32,10 +32,17 @@ log = logging.getLogger("d2v_train.data")
 
 
 class TensorImages(Dataset):
-    """In-memory images `(N, 3, H, W)` + labels `(N,)`; nothing to decode, nothing to skip."""
+    """In-memory images `(N, 3, H, W)` + labels `(N,)`; nothing to decode, nothing to skip.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    With `max_shift` / `max_scale` > 0 a training batch is randomly translated (by up to that share of
+    the image side) and rescaled (by up to that factor either way) in one batched resampling. The
+    draws come from the batch's seed (`IndexBatch.seed`), so a resumed run sees the same images.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: float = 0.0, max_scale: float = 0.0) -> None:
         self.images, self.labels = images, labels
+        self.max_shift, self.max_scale = float(max_shift), float(max_scale)
+        self.background = float(images.amin()) if len(images) else 0.0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,13 +50,35 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"inputs": self.images[index], "labels": int(self.labels[index])}
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        images = self.images[idx]
+        seed = getattr(indices, "seed", None)
+        if seed is not None and (self.max_shift > 0 or self.max_scale > 0):
+            images = self._augment(images, torch.Generator().manual_seed(int(seed)))
+        labels = self.labels[idx].tolist()
+        return [{"inputs": x, "labels": y} for x, y in zip(images, labels)]
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = images.shape[0]
+        scale = 1.0 + (torch.rand(n, generator=generator) * 2 - 1) * self.max_scale
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * self.max_shift)  # grid units: [-1, 1]
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+        theta[:, :, 2] = shift
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        # resample the offset from the background, so what moves in from outside is background
+        out = torch.nn.functional.grid_sample(images - self.background, grid, mode="bilinear", align_corners=False)
+        return out + self.background
+
 
 class DigitsDataModule(BaseDataModule):
     """scikit-learn digits as `(B, 3, image_size, image_size)` pixels with labels 0-9.
 
     Values 0-16 are scaled to [0, 1], upsampled bilinearly, repeated to 3 channels and standardised
     with the training split's mean/std. `labels_per_class` keeps only k labelled training images per
-    class (seeded), for few-label fine-tuning.
+    class (seeded), for few-label fine-tuning. `max_shift` / `max_scale` augment training batches
+    (random translation and rescaling, seeded per batch).
     """
 
     modality = "vision"
@@ -60,6 +89,8 @@ class DigitsDataModule(BaseDataModule):
         image_size: int = 32,
         val_fraction: float = 0.2,
         labels_per_class: int | None = None,
+        max_shift: float = 0.0,
+        max_scale: float = 0.0,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -80,6 +111,7 @@ class DigitsDataModule(BaseDataModule):
         self.image_size = image_size
         self.val_fraction = val_fraction
         self.labels_per_class = labels_per_class
+        self.max_shift, self.max_scale = max_shift, max_scale
         self.classes: list[str] | None = [str(i) for i in range(10)]
         self.mean = self.std = 0.0
         # `modality=vision data.path=/my/images`: the image pipeline at this module's settings
@@ -114,7 +146,7 @@ class DigitsDataModule(BaseDataModule):
             train_idx = self._few_labels(train_idx, y)
         self.mean, self.std = float(x[train_idx].mean()), float(x[train_idx].std())
         x = (x - self.mean) / self.std
-        self.train_set = TensorImages(x[train_idx], y[train_idx])
+        self.train_set = TensorImages(x[train_idx], y[train_idx], self.max_shift, self.max_scale)
         self.val_set = TensorImages(x[val_idx], y[val_idx])
 
     def _few_labels(self, idx: list[int], y: torch.Tensor) -> list[int]:
