@@ -278,6 +278,16 @@ class Data2VecPretraining(L.LightningModule):
             return out["loss"] * 0.0
         return None  # Lightning skips backward
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """The training objective on held-out data, logged as ``val/loss``. Masks come from a
+        generator seeded by (seed, batch index) only, so every validation scores the same masks and
+        the curve compares like with like; nothing draws from the global RNG (eval mode: no dropout),
+        so validating does not change the training run or its exact resume."""
+        inputs = batch["inputs"]
+        key = hash((self.seed, -1, batch_idx)) & ((1 << 62) - 1)  # ints only: str hashes are salted per process
+        out = self.compute_objective(inputs, batch.get("padding_mask"), torch.Generator(device=inputs.device).manual_seed(key))
+        self.log("val/loss", out["global_loss"], on_step=False, on_epoch=True, batch_size=int(inputs.shape[0]))
+
     def on_train_start(self) -> None:
         self._ema_last_step = self.global_step
         self._skip_update = False
