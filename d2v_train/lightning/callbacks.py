@@ -153,6 +153,7 @@ class OnlineProbe(L.Callback):
         self.line = ""  # the end-of-run comparison line (and warning)
         self.seconds = 0.0  # time spent probing
         self._last_step = -1
+        self._last: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self.probe = None
@@ -190,12 +191,13 @@ class OnlineProbe(L.Callback):
         step = trainer.global_step
         if self.probe is None or self.every_n_updates <= 0 or step == 0 or step % self.every_n_updates:
             return
-        if step == trainer.max_steps or step == self._last_step:
-            return  # the last update is probed in on_train_end; under accumulation once per update
+        if step == self._last_step:
+            return  # under gradient accumulation: once per update
         self._last_step = step
+        self._last = self._run(pl_module)
         # straight to the loggers, on the row of this update (``self.log`` from a callback hook would
         # repeat the value on every later row of the epoch); a resume from this update keeps it
-        self._log(trainer, {f"probe/{k}": v for k, v in self._run(pl_module).items()}, step - 1)
+        self._log(trainer, {f"probe/{k}": v for k, v in self._last.items()}, step - 1)
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -205,7 +207,8 @@ class OnlineProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.probe is None or getattr(trainer, "interrupted", False):
             return
-        metrics = {f"probe/{k}": v for k, v in self._run(pl_module).items()}
+        done = self._last if self._last_step == trainer.global_step else self._run(pl_module)  # probed just now?
+        metrics = {f"probe/{k}": v for k, v in done.items()}
         if self.compare_random_init:
             from d2v_train.models import build_encoder
 
