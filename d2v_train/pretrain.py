@@ -216,16 +216,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _write_report(run_dir: Path, wall: float, updates: int, probe: Any) -> None:
     """``<run dir>/report/``: plots and summary.md (``d2v-report``); never fails the run."""
-    from d2v_train.eval.report import write_report
+    from d2v_train.eval.report import read_metrics, run_warnings, write_report
 
     extra = {"wall_s": wall, "updates": updates}
     if probe is not None and probe.line:
         extra.update(probe_line=probe.line, probe_s=probe.seconds)
     try:
         summary = write_report(run_dir, extra)
+        warns = [w for w in run_warnings(read_metrics(run_dir / "metrics.csv")) if "online probe" not in w]
     except Exception as e:  # noqa: BLE001 - a report is a courtesy, the run itself succeeded
         log.warning("run report not written: %s: %s", type(e).__name__, e)
         return
+    for w in warns:  # the probe's own warning was printed by the callback
+        print(f"WARNING: {w}")
     print(f"d2v-pretrain: report {summary} (plots beside it; report=false turns it off)")
 
 
