@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -45,11 +46,17 @@ def main() -> None:
     wall, stdout = run(["-m", "d2v_train.pretrain", f"hydra.run.dir={out / 'pretrain'}", "ckpt_path=null", *quiet, *a.overrides])
     lines = [ln for ln in stdout.splitlines() if ln.startswith(("d2v-pretrain: probe", "WARNING", "d2v-pretrain: done"))]
     print(f"d2v-pretrain {' '.join(a.overrides)}: {wall:.1f} s wall (process)\n  " + "\n  ".join(lines))
+    info_file = out / "pretrain" / "report" / "run.json"
+    if info_file.is_file():  # timed inside the same process: not disturbed by other load on the machine
+        info = json.loads(info_file.read_text())
+        if info.get("probe_s") is not None:
+            print(f"online probe: {info['probe_s']:.1f} s of {info['wall_s']:.1f} s of training "
+                  f"({100 * info['probe_s'] / info['wall_s']:.0f}%, timed by the callback)")
     if not a.no_overhead:
         plain, _ = run(["-m", "d2v_train.pretrain", f"hydra.run.dir={out / 'plain'}", "ckpt_path=null", *quiet, *a.overrides,
                         "callbacks.probe=null", "trainer.limit_val_batches=0", "report=false"])  # fmt: skip
-        print(f"same run without probe / validation / report: {plain:.1f} s wall; the monitors cost {wall - plain:+.1f} s "
-              f"({100 * (wall - plain) / plain:+.0f}%)")  # fmt: skip
+        print(f"same run without probe / validation / report: {plain:.1f} s wall (process); difference {wall - plain:+.1f} s "
+              f"({100 * (wall - plain) / plain:+.0f}%; on a shared machine this A/B is only as steady as the load)")  # fmt: skip
     labels = ",".join(a.labels)
     wall, stdout = run(["-m", "d2v_train.eval.app", f"checkpoint={out / 'pretrain'}", "data=digits", f"hydra.run.dir={out / 'eval'}",
                         f"labels_per_class=[{labels}]", f"seeds={a.seeds}", f"finetune.max_steps={a.finetune_steps}"])  # fmt: skip
