@@ -247,3 +247,40 @@ def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         main([f"checkpoint={tmp_path}", "labels_per_class=[few]"])
     assert "labels_per_class" in capsys.readouterr().err
+
+
+def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any ProbeSets plugs in: variable-length token sequences (padding) through a text run."""
+    from torch.utils.data import Dataset
+
+    from d2v_train.data import DocstringsDataModule
+    from d2v_train.data.common import ProbeSets
+
+    class Sequences(Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            self.items = []
+            for i in range(n):
+                length = int(torch.randint(4, 20, (1,), generator=g))
+                label = i % 2  # a sequence of one token (which one is the class), of any length
+                ids = torch.full((length,), 10 + 100 * label)
+                self.items.append({"inputs": ids, "labels": label})
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return self.items[i]
+
+    def probe_sets(self: Any) -> ProbeSets:
+        return ProbeSets("halves", Sequences(60, 0), Sequences(20, 1), 2, self.collate_fn)
+
+    monkeypatch.setattr(DocstringsDataModule, "probe_sets", probe_sets)
+    cfg = compose_cfg(tmp_path / "run", "modality=text", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
+                      "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34",
+                      "trainer.max_steps=2", "report=false")  # fmt: skip
+    pretrain.train(cfg)
+    out = capsys.readouterr().out
+    assert "probe on halves" in out and "same architecture at random init" in out
+    probes = [r for r in rows(tmp_path / "run") if r.get("probe/linear_acc")]
+    assert probes and float(probes[-1]["probe/linear_acc"]) > 0.9  # separable whatever the padding

@@ -77,16 +77,16 @@ def finetune_accuracy(
         subset = Subset(probe.train, list(train_indices))
         loader = DataLoader(subset, batch_size=min(budget.batch_size, len(subset)), shuffle=True, drop_last=False,
                             collate_fn=probe.collate_fn, generator=torch.Generator().manual_seed(seed))  # fmt: skip
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=1, max_steps=int(budget.max_steps), max_epochs=-1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False,
-        )  # fmt: skip
         quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
         levels = [lg.level for lg in quiet]
         try:
             for lg in quiet:  # one table is the output, not eight "GPU available" banners
                 lg.setLevel(logging.WARNING)
+            trainer = L.Trainer(
+                accelerator=accelerator, devices=1, max_steps=int(budget.max_steps), max_epochs=-1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False,
+            )  # fmt: skip
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|LeafSpec|val_dataloader).*")
                 trainer.fit(module, train_dataloaders=loader)
