@@ -5,7 +5,8 @@
     d2v-pretrain experiment=vision_base_imagenet data.path=/data/imagenet/train
 
 The run directory (``hydra.run.dir``) receives ``config.yaml`` (resolved), ``metrics.csv``,
-``checkpoints/last.ckpt`` and ``report/`` (plots + ``summary.md``, as ``d2v-report`` writes them). ``train(cfg)`` is the whole run and is usable from Python and tests.
+``checkpoints/last.ckpt`` and ``report/`` (plots + ``summary.md``, as ``d2v-report`` writes them).
+``train(cfg)`` is the whole run and is usable from Python and tests.
 
 Resume: re-running a command whose run directory already holds ``checkpoints/last.ckpt`` continues
 from it (``ckpt_path=auto``, the default; give the directory with ``hydra.run.dir=``, since the
