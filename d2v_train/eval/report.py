@@ -88,10 +88,11 @@ def _plot_group(series: Series, columns: Sequence[str], title: str, path: Path) 
         for col in cols:
             steps, values = zip(*series[col])
             if len(steps) == 1:  # a single figure (the random-init reference): a dashed level
-                ax.axhline(values[0], linestyle="--", label=f"{col} ({values[0]:.3g})", color="grey" if "random" in col else None)
+                ax.axhline(values[0], linestyle=":" if "knn" in col else "--", label=f"{col} ({values[0]:.3g})",
+                           color="grey" if "random" in col else None)  # fmt: skip
             else:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=col)
-        ax.set_xlabel("update")
+        ax.set_xlabel("step (metrics.csv: update - 1)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0, 0].set_title(title)
@@ -144,11 +145,14 @@ def run_warnings(series: Series) -> list[str]:
             f"{100 * frac:.0f}% its random initialisation (EMA decay {series['train/ema_decay'][-1][1]:.5g}), "
             "so the targets are close to random features; lower objective.ema.decay or train longer"
         )
-    t_std, p_std = _last(series, "train/target_std"), _last(series, "train/pred_std")
-    if t_std is not None and t_std < MIN_TARGET_STD:
-        out.append(f"collapse: the final target std is {t_std:.3g} (< {MIN_TARGET_STD})")
-    if p_std is not None and p_std < MIN_PRED_STD:
-        out.append(f"collapse: the final prediction std is {p_std:.3g} (< {MIN_PRED_STD})")
+    for key, what, limit in (("train/target_std", "target", MIN_TARGET_STD), ("train/pred_std", "prediction", MIN_PRED_STD)):
+        points = series.get(key) or []
+        if not points:
+            continue
+        last, peak = points[-1][1], max(v for _, v in points)
+        # collapse is a fall: predictions start near zero (a fresh head) and are not collapsed then
+        if last < limit and last < 0.5 * peak:
+            out.append(f"collapse: the {what} std fell to {last:.3g} (< {limit}; it was {peak:.3g})")
     loss = _last(series, "train/loss")
     if loss is not None and not math.isfinite(loss):
         out.append(f"the final training loss is {loss}")
@@ -273,7 +277,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                 steps, values = zip(*series[col])
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=_job_label(job)[:60])
         ax.set_title(col)
-        ax.set_xlabel("update")
+        ax.set_xlabel("step (metrics.csv: update - 1)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
