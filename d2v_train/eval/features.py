@@ -23,7 +23,6 @@ Poolings (``POOLINGS``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -180,10 +179,3 @@ def extract_features(
     y = torch.cat(labels) if len(labels) == len(feats) else None
     return Features(x, y)
 
-
-def encoder_source_name(source: Union[str, Path]) -> str:
-    """A short name for tables and plots: the run directory's name for ``RUN/checkpoints/x.ckpt``."""
-    p = Path(source)
-    if p.suffix == ".ckpt" and p.parent.name == "checkpoints":
-        return p.parent.parent.name
-    return p.name
