@@ -4,8 +4,9 @@
     d2v-pretrain modality=audio trainer.max_steps=100
     d2v-pretrain experiment=vision_base_imagenet data.path=/data/imagenet/train
 
-The run directory (``hydra.run.dir``) receives ``config.yaml`` (resolved), ``metrics.csv`` and
-``checkpoints/last.ckpt``. ``train(cfg)`` is the whole run and is usable from Python and tests.
+The run directory (``hydra.run.dir``) receives ``config.yaml`` (resolved), ``metrics.csv``,
+``checkpoints/last.ckpt`` and ``report/`` (plots + ``summary.md``, as ``d2v-report`` writes them).
+``train(cfg)`` is the whole run and is usable from Python and tests.
 
 Resume: re-running a command whose run directory already holds ``checkpoints/last.ckpt`` continues
 from it (``ckpt_path=auto``, the default; give the directory with ``hydra.run.dir=``, since the
@@ -126,9 +127,11 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     # ExactResume is part of correctness (like the EMA step), not an optional callback
     callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume()]
-    trainer = L.Trainer(
-        **_container(cfg.trainer), logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
+    trainer_args = dict(_container(cfg.trainer))
+    accumulate = int(trainer_args.get("accumulate_grad_batches") or 1)
+    if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args.get("check_val_every_n_epoch") is None:
+        trainer_args["val_check_interval"] *= accumulate  # configured in updates; Lightning counts batches
+    trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return model, datamodule, trainer
 
 
@@ -158,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     so, see ``resolve_ckpt_path``), save ``checkpoints/last.ckpt``."""
     import lightning as L
 
-    from d2v_train.lightning.callbacks import TrainingCollapsedError
+    from d2v_train.lightning.callbacks import OnlineProbe, TrainingCollapsedError
     from d2v_train.lightning.checkpointing import ExactResume, final_state_saved, resolve_ckpt_path
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -197,6 +200,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     metrics["wall_s"] = wall
     metrics["global_step"] = float(trainer.global_step)
+    probe = next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbe)), None)  # type: ignore[attr-defined]
+    if probe is not None:
+        metrics.update(probe.final)
+    if trainer.is_global_zero and cfg.get("report", True) and not getattr(trainer, "interrupted", False):
+        _write_report(run_dir, wall, trainer.global_step, probe)
     if trainer.is_global_zero:
         loss = metrics.get("train/loss")
         print(
@@ -205,6 +213,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
             + f"; run dir {run_dir} (config.yaml, metrics.csv, checkpoints/last.ckpt)"
         )
     return metrics
+
+
+def _write_report(run_dir: Path, wall: float, updates: int, probe: Any) -> None:
+    """``<run dir>/report/``: plots and summary.md (``d2v-report``); never fails the run."""
+    from d2v_train.eval.report import read_metrics, run_warnings, write_report
+
+    extra = {"wall_s": wall, "updates": updates}
+    if probe is not None and probe.line:
+        extra.update(probe_line=probe.line, probe_s=probe.seconds)
+    try:
+        summary = write_report(run_dir, extra)
+        # the probe callback and the module (teacher still near its init) printed their own warnings
+        warns = [w for w in run_warnings(read_metrics(run_dir / "metrics.csv")) if "online probe" not in w and "teacher barely moved" not in w]
+    except Exception as e:  # noqa: BLE001 - a report is a courtesy, the run itself succeeded
+        log.warning("run report not written: %s: %s", type(e).__name__, e)
+        return
+    for w in warns:  # the probe's own warning was printed by the callback
+        print(f"WARNING: {w}")
+    print(f"d2v-pretrain: report {summary} (plots beside it; report=false turns it off)")
 
 
 def main(argv: Optional[list[str]] = None) -> Any:

@@ -30,7 +30,7 @@ def test_default_run_writes_run_dir_and_resumes(tmp_path: Path) -> None:
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     resolved = (run_dir / "config.yaml").read_text()
     assert "${" not in resolved and "modality: vision" in resolved and "seed: 3" in resolved
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["train/loss"]]  # not probe rows
     assert [int(r["step"]) for r in rows] == list(range(6))
     for key in ("train/loss", "train/lr", "train/ema_decay", "train/target_std", "train/pred_std",
                 "train/mask_frac", "train/samples_per_s", "train/tokens_per_s"):
@@ -39,7 +39,7 @@ def test_default_run_writes_run_dir_and_resumes(tmp_path: Path) -> None:
 
     second = run_cli(*common, "trainer.max_steps=9", "ckpt_path=last")
     assert second.returncode == 0, second.stderr[-3000:]
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["train/loss"]]
     assert [int(r["step"]) for r in rows] == list(range(9))  # appended, not overwritten
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 9 and ckpt["d2v_ema_last_step"] == 9

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from d2v_train.data.audio import AudioDataModule
 from d2v_train.data.collate import collate_images
-from d2v_train.data.common import BaseDataModule, default_cache_dir, fingerprint, progress, seeded_split
+from d2v_train.data.common import BaseDataModule, ProbeSets, default_cache_dir, fingerprint, progress, seeded_split
 from d2v_train.data.espeak import Utterance, synthesize_all
 from d2v_train.data.text import TextDataModule
 
@@ -142,12 +142,23 @@ class DigitsDataModule(BaseDataModule):
         x = x.expand(-1, 3, -1, -1).contiguous()
         y = torch.as_tensor(digits.target, dtype=torch.long)
         train_idx, val_idx = seeded_split(len(y), self.val_fraction, self.seed)
+        all_train = train_idx
         if self.labels_per_class:
             train_idx = self._few_labels(train_idx, y)
         self.mean, self.std = float(x[train_idx].mean()), float(x[train_idx].std())
         x = (x - self.mean) / self.std
+        self._probe_train = TensorImages(x[all_train], y[all_train])
         self.train_set = TensorImages(x[train_idx], y[train_idx], self.max_shift, self.max_scale)
         self.val_set = TensorImages(x[val_idx], y[val_idx])
+
+    def probe_sets(self) -> ProbeSets | None:
+        """Digit classes: every labelled training image (``labels_per_class`` does not apply: the
+        probes draw their own few-label subsets) and the validation split. None for ``data.path``."""
+        if self.images is not None:
+            return None
+        self.setup("fit")
+        assert self.val_set is not None
+        return ProbeSets("digits", self._probe_train, self.val_set, 10, self.collate_fn, list(self.classes or []))
 
     def _few_labels(self, idx: list[int], y: torch.Tensor) -> list[int]:
         g = random.Random(self.seed)

@@ -1,6 +1,7 @@
 """Our own plain encoder format: ``encoder.safetensors`` (our names) + ``config.json``.
 
-Loadable with one call and no Lightning: ``d2v_train.load_encoder(path)``.
+Loadable with one call and no Lightning: ``d2v_train.load_encoder(path)``, which also reads every
+other source (a ``.ckpt``, a run directory, a transformers directory) through ``interop.sources``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,27 @@ def save_encoder(encoder: nn.Module, path: Union[str, Path]) -> Path:
     return directory
 
 
-def load_encoder(path: Union[str, Path]) -> Encoder:
+def load_encoder(path: Union[str, Path], weights: str = "student") -> Encoder:
+    """The encoder at ``path``, in eval mode, whatever kind of source it is.
+
+    - a directory written by ``save_encoder`` / ``d2v-export format=safetensors`` (read here);
+    - a ``d2v-pretrain`` run directory (its ``checkpoints/last.ckpt``) or any ``.ckpt`` of
+      ``d2v-pretrain`` (``weights``: ``student`` or the EMA ``teacher``) or ``d2v-finetune`` (the
+      task model's encoder);
+    - a transformers Data2Vec directory (bare or task model), a fairseq / BEiT data2vec v1 file.
+
+    Everything but our own directory goes through ``interop.sources.load_source``, the reader that
+    ``d2v-export`` and ``pretrained=`` use, so all three accept the same things.
+    """
+    directory = Path(path)
+    if not (directory / "encoder.safetensors").is_file():
+        from .sources import load_source  # sources imports this module: import at call time
+
+        return load_source(directory, weights).encoder.eval()
+    return read_native(directory)
+
+
+def read_native(path: Union[str, Path]) -> Encoder:
     """Our encoder from a directory written by ``save_encoder`` (or ``d2v-export format=safetensors``)."""
     directory = Path(path)
     meta = load_json(directory / "config.json")

@@ -1,6 +1,6 @@
 """Read a model from any source d2v_train accepts, telling the kinds apart by their contents.
 
-Sources: a ``d2v-pretrain`` checkpoint (Lightning ``.ckpt``: the encoder config is in
+Sources: a run directory (read as its ``checkpoints/last.ckpt``), a ``d2v-pretrain`` checkpoint (Lightning ``.ckpt``: the encoder config is in
 ``hyper_parameters["encoder"]``, the student weights are ``student.*``, the EMA teacher's
 ``teacher.model.*``), a ``d2v-finetune`` checkpoint (the task model is ``model.*``, its head
 settings in ``hyper_parameters["head"]``), our export directory (``encoder.safetensors`` +
@@ -21,10 +21,11 @@ from ..models import Encoder, build_encoder
 from .fairseq import load_fairseq
 from .files import check_state, load_json, torch_load_safely
 from .native import FORMAT as NATIVE_FORMAT
-from .native import load_encoder
+from .native import read_native
 from .transformers import BASE_CLASS, load_transformers
 
 TOKENIZER_FILE = "tokenizer.json"  # a text model's tokenizer, kept beside its weights
+RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # what a run directory stands for
 
 SourceKind = Literal["pretraining", "native", "transformers", "transformers-task", "fairseq", "finetuning"]
 
@@ -90,16 +91,18 @@ def model_from_finetuning(checkpoint: dict[str, Any], where: str = "checkpoint")
 def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head: bool = False) -> LoadedModel:
     """Reads ``path`` as whichever supported source it is; the error lists them all otherwise."""
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / RUN_CHECKPOINT).is_file():
+        path = path / RUN_CHECKPOINT  # a d2v-pretrain / d2v-finetune run directory: its last state
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(
-                f"{path}: a directory without config.json (expected a d2v_train export or a transformers "
-                "Data2Vec directory; checkpoints are .ckpt files, e.g. RUN_DIR/checkpoints/last.ckpt)"
+                f"{path}: a directory without config.json or checkpoints/last.ckpt (expected a d2v_train "
+                "export, a transformers Data2Vec directory or a run directory; or pass a .ckpt file)"
             )
         config = load_json(config_file)
         if config.get("format") == NATIVE_FORMAT:
-            return LoadedModel(load_encoder(path), "native", path)
+            return LoadedModel(read_native(path), "native", path)
         architectures = config.get("architectures") or []
         if architectures and architectures[0] not in BASE_CLASS.values() and not ignore_head:
             from .heads import load_transformers_task

@@ -1,4 +1,4 @@
-"""Callbacks for pretraining runs: collapse monitor, non-finite loss guard and throughput.
+"""Callbacks for pretraining runs: collapse monitor, non-finite loss guard, throughput, online probe.
 
 The EMA update itself lives in ``Data2VecPretraining.optimizer_step``: it is part of the method,
 so a run without callbacks is still correct. These callbacks read ``pl_module.last_stats`` (detached,
@@ -7,12 +7,16 @@ already all-reduced tensors written by ``training_step``).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
 import lightning as L
+import torch
 
-__all__ = ["CollapseMonitor", "NonFiniteLossGuard", "ThroughputMonitor", "TrainingCollapsedError"]
+__all__ = ["CollapseMonitor", "NonFiniteLossGuard", "OnlineProbe", "ThroughputMonitor", "TrainingCollapsedError"]
+
+log = logging.getLogger("d2v_train.pretrain")
 
 
 class TrainingCollapsedError(RuntimeError):
@@ -106,3 +110,142 @@ class ThroughputMonitor(L.Callback):
             pl_module.log("train/samples_per_s", float(stats["samples"]) / dt, **kw)
             pl_module.log("train/tokens_per_s", float(stats["tokens"]) / dt, **kw)
         self._t = now
+
+
+class OnlineProbe(L.Callback):
+    """Is the run learning? Every ``every_n_updates`` updates (and after the last one) the student's
+    frozen features of the data module's ``probe_sets()`` are judged by a linear probe and a weighted
+    kNN; logged as ``probe/linear_acc`` and ``probe/knn_acc`` to every logger (metrics.csv,
+    TensorBoard, W&B).
+
+    The student runs in eval mode under inference mode (no gradient reaches it) and the classifier
+    is fitted on the cached features with its own optimizer (torch L-BFGS from zeros, see
+    ``d2v_train.eval.probe``); nothing draws from the global RNG, so probing does not change the run
+    and a resumed run logs what a straight one does. After the last update it also probes the same
+    architecture at random initialisation (built from the same config under the run's seed), logs
+    ``probe/random_init_linear_acc`` / ``probe/random_init_knn_acc``, prints one comparison line and
+    a WARNING when pretraining did not beat it.
+
+    Off (silently) when the data module has no ``probe_sets()``. On rank 0 only.
+    """
+
+    def __init__(
+        self,
+        every_n_updates: int = 50,
+        pooling: str = "mean",
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
+        C: float = 1.0,
+        batch_size: int = 256,
+        compare_random_init: bool = True,
+        margin: float = 0.01,
+    ) -> None:
+        self.every_n_updates = int(every_n_updates)
+        self.pooling = pooling
+        self.knn_k = int(knn_k)
+        self.knn_temperature = float(knn_temperature)
+        self.C = float(C)
+        self.batch_size = int(batch_size)
+        self.compare_random_init = bool(compare_random_init)
+        self.margin = float(margin)
+        self.probe: Any = None
+        self.final: dict[str, float] = {}  # last results, for the run's summary
+        self.line = ""  # the end-of-run comparison line (and warning)
+        self.seconds = 0.0  # time spent probing
+        self._last_step = -1
+        self._last: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self.probe = None
+        dm = getattr(trainer, "datamodule", None)
+        if stage != "fit" or dm is None or not hasattr(dm, "probe_sets") or not trainer.is_global_zero:
+            return
+        try:
+            self.probe = dm.probe_sets()
+        except Exception as e:  # a monitor must never stop a run
+            log.warning("online probe off: the data module's probe_sets() failed: %s: %s", type(e).__name__, e)
+
+    def evaluate(self, encoder: torch.nn.Module) -> dict[str, float]:
+        """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets."""
+        from d2v_train.eval.features import extract_features
+        from d2v_train.eval.probe import knn_accuracy, torch_linear_probe
+
+        p = self.probe
+        kw = dict(collate_fn=p.collate_fn, batch_size=self.batch_size)
+        train = extract_features(encoder, p.train, self.pooling, **kw)
+        val = extract_features(encoder, p.val, self.pooling, **kw)
+        assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
+        return {
+            "linear_acc": torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C),
+            "knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
+                                    k=self.knn_k, temperature=self.knn_temperature),
+        }  # fmt: skip
+
+    def _run(self, pl_module: Any) -> dict[str, float]:
+        start = time.perf_counter()
+        out = self.evaluate(pl_module.student)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.probe is None or self.every_n_updates <= 0 or step == 0 or step % self.every_n_updates:
+            return
+        if step == self._last_step:
+            return  # under gradient accumulation: once per update
+        self._last_step = step
+        self._last = self._run(pl_module)
+        # straight to the loggers, on the row of this update (``self.log`` from a callback hook would
+        # repeat the value on every later row of the epoch); a resume from this update keeps it
+        self._log(trainer, {f"probe/{k}": v for k, v in self._last.items()}, step - 1)
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.probe is None or getattr(trainer, "interrupted", False):
+            return
+        done = self._last if self._last_step == trainer.global_step else self._run(pl_module)  # probed just now?
+        metrics = {f"probe/{k}": v for k, v in done.items()}
+        if self.compare_random_init:
+            from d2v_train.models import build_encoder
+
+            student = pl_module.student
+            with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay where they are
+                torch.manual_seed(int(getattr(pl_module, "seed", 0)))
+                fresh = build_encoder(student.modality, student.config).to(next(student.parameters()).device)
+            start = time.perf_counter()
+            metrics.update({f"probe/random_init_{k}": v for k, v in self.evaluate(fresh).items()})
+            self.seconds += time.perf_counter() - start
+        # a row after the last update's: a run resumed from this final checkpoint drops it (it probes
+        # its own end again), so the history stays that of one straight run
+        self._log(trainer, metrics, trainer.global_step)
+        for logger in trainer.loggers:
+            logger.save()
+        self.final = dict(metrics)
+        if self.compare_random_init:
+            self.line = self.report(trainer.global_step)
+
+    def report(self, updates: int) -> str:
+        """The end-of-run line (printed and logged), with a WARNING when pretraining did not help."""
+        m = self.final
+        lin, rnd = m["probe/linear_acc"], m["probe/random_init_linear_acc"]
+        line = (
+            f"d2v-pretrain: probe on {self.probe.name} ({self.pooling}-pooled, linear / kNN accuracy): "
+            f"this run {lin:.3f} / {m['probe/knn_acc']:.3f}, same architecture at random init "
+            f"{rnd:.3f} / {m['probe/random_init_knn_acc']:.3f} ({100 * (lin - rnd):+.1f} points after {updates} updates)"
+        )
+        print(line, flush=True)
+        log.info(line)
+        if lin < rnd + self.margin:
+            warn = (
+                "WARNING: pretraining did not beat the same encoder at random initialisation on the probe: "
+                "the features learned nothing a linear classifier can use. Check the EMA schedule "
+                "(a teacher that barely moved gives random targets), the lr and the number of updates."
+            )
+            print(warn, flush=True)
+            log.warning(warn)
+            line += "\n" + warn
+        return line

@@ -301,6 +301,16 @@ class Data2VecPretraining(L.LightningModule):
         self._ema_schedule = None
         self._ema_schedule = self.ema_schedule()
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """The training objective on held-out data, logged as ``val/loss``. Masks come from a
+        generator seeded by (seed, batch index) only, so every validation scores the same masks and
+        the curve compares like with like; nothing draws from the global RNG (eval mode: no dropout),
+        so validating does not change the training run or its exact resume."""
+        inputs = batch["inputs"]
+        key = hash((self.seed, -1, batch_idx)) & ((1 << 62) - 1)  # ints only: str hashes are salted per process
+        out = self.compute_objective(inputs, batch.get("padding_mask"), torch.Generator(device=inputs.device).manual_seed(key))
+        self.log("val/loss", out["global_loss"], on_step=False, on_epoch=True, batch_size=int(inputs.shape[0]))
+
     def on_train_start(self) -> None:
         self._ema_last_step = self.global_step
         self._skip_update = False
@@ -345,8 +355,8 @@ class Data2VecPretraining(L.LightningModule):
         if self.global_rank == 0 and self.global_step > 0 and self.teacher_init_weight > 0.9:
             sched = self.ema_schedule()
             _log.warning(
-                "the EMA teacher is still %.0f%% its initialisation after %d updates (decay %.6g -> %.6g): "
-                "its targets were close to random features. For a run this short set "
+                "the teacher barely moved: after %d updates it is still %.0f%% its initialisation (EMA decay "
+                "%.6g -> %.6g), so its targets were close to random features. For a run this short set "
                 "objective.ema.max_horizon=0.1 (or lower objective.ema.decay / end_decay).",
-                100 * self.teacher_init_weight, self.global_step, sched.decay, sched.end_decay,
+                self.global_step, 100 * self.teacher_init_weight, sched.decay, sched.end_decay,
             )  # fmt: skip

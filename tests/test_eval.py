@@ -1,0 +1,288 @@
+"""Evaluation machinery: probes, features from every source, the online probe and validation in a
+real (tiny) run, the end-of-run line, run reports and ``d2v-eval`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import d2v_train
+import d2v_train.pretrain as pretrain
+from d2v_train.cli import config_dir
+from d2v_train.eval import embed, extract_features, few_label_indices, knn_accuracy, linear_probe, torch_linear_probe
+from d2v_train.eval.probe import parse_labels_per_class, spread
+from d2v_train.models import build_encoder
+
+# a tiny version of the default run (digits), with probe and validation every 2 updates
+TINY = [
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.batch_size=16",
+    "encoder.hidden_size=32", "encoder.intermediate_size=64", "encoder.num_hidden_layers=2", "objective.top_k=2",
+    "objective.ema.decay=0.9", "objective.ema.end_decay=0.99", "objective.ema.anneal_steps=10",
+    "optim.warmup_steps=1", "optim.total_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+    "callbacks.probe.every_n_updates=2",
+]  # fmt: skip
+
+
+def compose_cfg(run_dir: Path, *overrides: str) -> Any:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"run_dir={run_dir}", *TINY, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    import contextlib
+    import io
+
+    run_dir = tmp_path_factory.mktemp("run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain.train(compose_cfg(run_dir, "trainer.max_steps=4"))
+    return run_dir, out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+
+def clusters(n: int = 400, classes: int = 10, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 4
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+def test_probes_score_separable_features_high_and_random_labels_at_chance() -> None:
+    x, y = clusters()
+    xv, yv = clusters(seed=1)
+    # same centres: draw the val points around the training centres
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 16, generator=g) * 4
+    xv = centres[yv] + torch.randn(len(yv), 16, generator=torch.Generator().manual_seed(5))
+    assert linear_probe(x, y, xv, yv) > 0.95
+    assert torch_linear_probe(x, y, xv, yv, 10) > 0.95
+    assert knn_accuracy(x, y, xv, yv, 10) > 0.95
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+    for acc in (linear_probe(x, shuffled, xv, yv), torch_linear_probe(x, shuffled, xv, yv, 10), knn_accuracy(x, shuffled, xv, yv, 10)):
+        assert acc < 0.3  # chance is 0.1
+
+
+def test_few_label_subsets_are_balanced_and_seeded() -> None:
+    y = torch.arange(300) % 10
+    a = few_label_indices(y, 3, seed=0)
+    assert len(a) == 30 and all(int((y[a] == c).sum()) == 3 for c in range(10))
+    assert a == few_label_indices(y, 3, seed=0) and a != few_label_indices(y, 3, seed=1)
+    assert few_label_indices(y, None, seed=0) == list(range(300))
+    assert parse_labels_per_class("all") is None and parse_labels_per_class("10") == 10
+    with pytest.raises(ValueError, match="labels_per_class"):
+        parse_labels_per_class("many")
+    s = spread([0.5, 0.7])
+    assert s.n == 2 and abs(s.mean - 0.6) < 1e-9 and str(s).startswith("0.600 ± 0.14")
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+def test_poolings_and_padding_aware_mean() -> None:
+    torch.manual_seed(0)
+    vision = build_encoder("vision", dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                          image_size=8, patch_size=2))  # fmt: skip
+    pixels = torch.randn(3, 3, 8, 8)
+    assert embed(vision, pixels, "mean").shape == (3, 16)
+    assert embed(vision, pixels, "cls").shape == (3, 16)
+    assert embed(vision, pixels, "topk", top_k=2).shape == (3, 16)
+    assert embed(vision, pixels, "grid", grid=2).shape == (3, 64)
+    vision.train()
+    embed(vision, pixels)
+    assert vision.training  # the caller's mode is restored
+    text = build_encoder("text", dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=20, pad_token_id=1))  # fmt: skip
+    with pytest.raises(ValueError, match="grid"):
+        embed(text, torch.randint(3, 50, (1, 5)), "grid")
+    ids = torch.randint(3, 50, (1, 6))
+    alone = embed(text, ids)
+    padded = torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], 1)
+    batch = {"inputs": torch.cat([padded, torch.randint(3, 50, (1, 10))]),
+             "padding_mask": torch.tensor([[False] * 6 + [True] * 4, [False] * 10])}  # fmt: skip
+    assert torch.allclose(embed(text, batch)[0], alone[0], atol=1e-5)  # padding does not count
+
+
+def test_load_encoder_reads_every_kind_of_source(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
+    from d2v_train.interop import save_encoder, save_transformers
+
+    run_dir, _ = tiny_run
+    pixels = torch.randn(2, 3, 32, 32)
+    reference = d2v_train.load_encoder(run_dir / "checkpoints" / "last.ckpt")  # a .ckpt
+    expected = reference(pixels).last_hidden_state
+    from_run_dir = d2v_train.load_encoder(run_dir)  # a run dir (its checkpoints/last.ckpt)
+    save_encoder(reference, tmp_path / "export")
+    save_transformers(reference, tmp_path / "hf")
+    for enc in (from_run_dir, d2v_train.load_encoder(tmp_path / "export"), d2v_train.load_encoder(tmp_path / "hf")):
+        assert not enc.training
+        torch.testing.assert_close(enc(pixels).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    teacher = d2v_train.load_encoder(run_dir, weights="teacher")
+    assert not torch.allclose(teacher(pixels).last_hidden_state, expected)  # the EMA copy differs
+    with pytest.raises(FileNotFoundError, match="checkpoints/last.ckpt"):
+        d2v_train.load_encoder(tmp_path)  # an empty directory: one clear line
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
+def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str]) -> None:
+    run_dir, out = tiny_run
+    table = rows(run_dir)
+    probes = [r for r in table if r.get("probe/linear_acc")]
+    assert [int(r["step"]) for r in probes] == [1, 3, 4]  # the rows of updates 2 and 4, then the end-of-run row
+    assert all(0.0 <= float(r["probe/knn_acc"]) <= 1.0 for r in probes)
+    assert probes[-1]["probe/random_init_linear_acc"] and probes[-1]["probe/random_init_knn_acc"]
+    assert not probes[0]["probe/random_init_linear_acc"]
+    vals = [r for r in table if r.get("val/loss")]
+    assert len(vals) == 2 and all(float(r["val/loss"]) > 0 for r in vals)
+    train_rows = [r for r in table if r.get("train/loss")]
+    assert [int(r["step"]) for r in train_rows] == list(range(4))
+    assert "same architecture at random init" in out and "after 4 updates" in out
+    final = probes[-1]
+    if float(final["probe/linear_acc"]) < float(final["probe/random_init_linear_acc"]) + 0.01:
+        assert "WARNING: pretraining did not beat" in out
+    else:
+        assert "WARNING: pretraining did not beat" not in out
+
+
+def test_report_from_the_run(tiny_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d2v_train.eval.report import main
+
+    run_dir, out = tiny_run
+    report = run_dir / "report"  # written by d2v-pretrain itself
+    assert "d2v-pretrain: report" in out
+    for name in ("loss", "lr", "ema_decay", "std", "mask_frac", "throughput", "probe"):
+        png = report / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG", name
+    summary = (report / "summary.md").read_text()
+    assert "updates: 4" in summary and "wall time" in summary and "val/loss" in summary
+    assert "same architecture at random init" in summary  # the end-of-run line is kept
+    # a teacher at decay 0.9 moved: no such warning; the default 0.9998 over 4 updates would warn
+    assert "teacher barely moved" not in summary
+    # a multirun directory: one comparison across jobs
+    for job in ("0", "1"):
+        (tmp_path / job).mkdir()
+        shutil.copy(run_dir / "metrics.csv", tmp_path / job / "metrics.csv")
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "d2v-report: error:" in capsys.readouterr().err
+
+
+def test_report_warns_on_a_teacher_that_barely_moved() -> None:
+    from d2v_train.eval.report import run_warnings
+
+    series = {"train/ema_decay": [(i, 0.9998) for i in range(200)], "train/target_std": [(199, 0.8)]}
+    assert any("barely moved" in w for w in run_warnings(series))
+    series = {"train/ema_decay": [(i, 0.99) for i in range(200)], "train/target_std": [(0, 0.8), (199, 0.01)],
+              "train/pred_std": [(0, 0.003), (199, 0.004)]}  # fmt: skip
+    warns = run_warnings(series)
+    assert not any("barely moved" in w for w in warns)
+    assert [w for w in warns if "collapse" in w] == ["collapse: the target std fell to 0.01 (< 0.1; it was 0.8)"]
+
+
+def test_probe_and_validation_leave_the_run_unchanged_and_resume_exactly(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
+    """Same weights with the probe and validation off; 2 updates then the 4-update command in the
+    same run dir logs what the straight run logged (probe and val rows included)."""
+    from d2v_train.lightning.checkpointing import load_checkpoint_safely
+
+    run_dir, _ = tiny_run
+    pretrain.train(compose_cfg(tmp_path / "plain", "trainer.max_steps=4", "callbacks.probe=null",
+                               "trainer.limit_val_batches=0", "report=false"))  # fmt: skip
+    a = load_checkpoint_safely(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint_safely(tmp_path / "plain" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    pretrain.train(compose_cfg(tmp_path / "resumed", "trainer.max_steps=2", "report=false"))
+    pretrain.train(compose_cfg(tmp_path / "resumed", "trainer.max_steps=4", "report=false"))
+    assert rows(tmp_path / "resumed") == rows(run_dir)
+
+
+# ------------------------------------------------------------------------------------------ d2v-eval
+
+
+def test_d2v_eval_end_to_end(tiny_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d2v_train.eval.app import main
+
+    run_dir, _ = tiny_run
+    out = tmp_path / "eval"
+    main([f"checkpoint={run_dir}", f"hydra.run.dir={out}", "labels_per_class=[1,all]", "seeds=2",
+          "finetune.max_steps=2", "finetune.batch_size=16", "batch_size=512"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| encoder | method | 1 labels/class | all labels |" in printed
+    results = list(csv.DictReader((out / "results.csv").open()))
+    kinds = {(r["encoder"], r["method"]) for r in results}
+    assert kinds == {(e, m) for e in ("pretrained", "random init") for m in ("linear", "knn", "finetune")} | {
+        ("raw inputs", "linear"), ("raw inputs", "knn")}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in results)
+    # 1 label/class: 2 seeds; all labels: one row; fine-tune: the first seed only
+    assert sum(r["method"] == "linear" and r["encoder"] == "pretrained" for r in results) == 3
+    assert sum(r["method"] == "finetune" and r["encoder"] == "pretrained" for r in results) == 2
+    raw_all = next(float(r["accuracy"]) for r in results if r["encoder"] == "raw inputs" and r["method"] == "linear" and r["labels_per_class"] == "all")
+    assert raw_all > 0.9  # raw digits are nearly linearly separable: the pipeline keeps labels aligned
+    assert "±" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d2v_train.eval.app import main
+
+    with pytest.raises(SystemExit):
+        main([f"checkpoint={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'o'}"])
+    assert "checkpoint=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"checkpoint={tmp_path}", "labels_per_class=[few]"])
+    assert "labels_per_class" in capsys.readouterr().err
+
+
+def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any ProbeSets plugs in: variable-length token sequences (padding) through a text run."""
+    from torch.utils.data import Dataset
+
+    from d2v_train.data import DocstringsDataModule
+    from d2v_train.data.common import ProbeSets
+
+    class Sequences(Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            self.items = []
+            for i in range(n):
+                length = int(torch.randint(4, 20, (1,), generator=g))
+                label = i % 2  # a sequence of one token (which one is the class), of any length
+                ids = torch.full((length,), 10 + 100 * label)
+                self.items.append({"inputs": ids, "labels": label})
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return self.items[i]
+
+    def probe_sets(self: Any) -> ProbeSets:
+        return ProbeSets("halves", Sequences(60, 0), Sequences(20, 1), 2, self.collate_fn)
+
+    monkeypatch.setattr(DocstringsDataModule, "probe_sets", probe_sets)
+    cfg = compose_cfg(tmp_path / "run", "modality=text", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
+                      "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34",
+                      "trainer.max_steps=2", "report=false")  # fmt: skip
+    pretrain.train(cfg)
+    out = capsys.readouterr().out
+    assert "probe on halves" in out and "same architecture at random init" in out
+    probes = [r for r in rows(tmp_path / "run") if r.get("probe/linear_acc")]
+    assert probes and float(probes[-1]["probe/linear_acc"]) > 0.9  # separable whatever the padding
