@@ -129,3 +129,11 @@ def test_schedule_sized_to_the_run() -> None:
     assert (unknown.decay, unknown.anneal_steps) == (0.999, 30000)
     # a teacher of a 200-update run at 0.9998 keeps ~96% of its init; capped at 0.95 it keeps ~0%
     assert 0.9998**200 > 0.9 and short.at(0) ** 200 < 1e-4
+
+
+def test_schedule_cap_keeps_a_teacher_in_very_short_runs() -> None:
+    from d2v_train.objective.ema import resolve_schedule
+
+    tiny = resolve_schedule(0.9998, 0.9998, 0, 4, max_horizon=0.1)
+    assert tiny.decay == pytest.approx(0.9) and tiny.end_decay == pytest.approx(0.9)
+    assert resolve_schedule(0.5, 0.6, 0, 4, max_horizon=0.1).decay == 0.5  # lower decays are kept

@@ -59,15 +59,16 @@ def resolve_schedule(
     """Sizes the ramp to a run of ``total_steps`` updates.
 
     ``anneal_fraction`` replaces ``anneal_steps`` by that share of the run; ``max_horizon`` caps each
-    decay at ``1 - 1 / (max_horizon * total_steps)`` so the teacher averages over at most that share
-    of the run. Without a known length (``total_steps`` None or <= 0) the values are taken as given.
+    decay at ``1 - 1 / (max_horizon * total_steps)`` (but not below 0.9) so the teacher averages over
+    at most that share of the run. Without a known length (``total_steps`` None or <= 0) the values are taken as given.
     """
     if not total_steps or total_steps <= 0:
         return EMASchedule(float(decay), float(end_decay), int(anneal_steps))
     if anneal_fraction is not None:
         anneal_steps = max(1, round(anneal_fraction * total_steps))
     if max_horizon is not None:
-        cap = max(0.0, 1.0 - 1.0 / (max_horizon * total_steps))
+        # an average over fewer than 10 updates is hardly a teacher: the cap stops at 0.9
+        cap = max(0.9, 1.0 - 1.0 / (max_horizon * total_steps))
         decay, end_decay = min(decay, cap), min(end_decay, cap)
     return EMASchedule(float(decay), float(end_decay), int(anneal_steps))
 
