@@ -228,6 +228,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO
+    from d2v_train.lightning.console import drop_disabled
     from d2v_train.lightning.finetune import FineTuning
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.models.heads import build_head
@@ -254,9 +255,12 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
-    trainer = L.Trainer(
-        **_container(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode), plugins=[AtomicCheckpointIO()]
-    )
+    trainer_args = _container(cfg.trainer)
+    if trainer_args.get("strategy") in ("ddp", "ddp_spawn"):
+        # frozen blocks (freeze_encoder_steps), an unused pooler: a head may leave parameters unused
+        trainer_args["strategy"] = f"{trainer_args['strategy']}_find_unused_parameters_true"
+    callbacks = drop_disabled(_callbacks(cfg, metric, mode), trainer_args)
+    trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer
 
 
@@ -355,7 +359,7 @@ def task(cfg: DictConfig) -> Optional[dict[str, float]]:
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Console entry point ``d2v-finetune``."""
-    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv)
+    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv, help_hidden=("head_data",))
 
 
 if __name__ == "__main__":
