@@ -118,6 +118,7 @@ def check_trainer(node: Mapping[str, Any]) -> None:
     from lightning import Trainer
 
     params = inspect.signature(Trainer.__init__).parameters
+    check_accelerator(node)
     for key, value in node.items():
         if key not in params or key in ("self", "callbacks", "logger", "plugins"):
             valid = ", ".join(sorted(k for k in params if k not in ("self", "callbacks", "logger", "plugins")))
@@ -127,6 +128,41 @@ def check_trainer(node: Mapping[str, Any]) -> None:
             continue
         if isinstance(default, (bool, int, float)) and isinstance(value, str):
             raise ConfigError(f"bad value for 'trainer.{key}': {_describe(value)}, expected {type(default).__name__}")
+
+
+def check_accelerator(node: Mapping[str, Any]) -> None:
+    """A GPU accelerator on a machine where torch sees none: say so and how to run on CPU, instead of
+    Lightning's ``No supported gpu backend found!``."""
+    accelerator = str(node.get("accelerator") or "auto").lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return
+    raise ConfigError(
+        f"trainer.accelerator={accelerator} but no GPU is visible (torch.cuda.is_available() is False; "
+        "trainer=gpu, ddp, ddp_fp16 and ddp_bf16 need one): run on CPU with trainer=cpu (the default), "
+        "or trainer=ddp_cpu to test DDP with 2 CPU processes"
+    )
+
+
+def check_launcher(argv: Sequence[str]) -> None:
+    """``hydra/launcher=submitit_slurm`` without its plugin installed (Hydra: ``Unknown plugin class``)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "hydra/launcher" and value == "submitit_slurm":
+            import importlib.util
+
+            try:
+                found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+            except ModuleNotFoundError:  # not even the hydra_plugins namespace
+                found = False
+            if not found:
+                raise ConfigError(
+                    "hydra/launcher=submitit_slurm needs the slurm extra: pip install 'd2v-train[slurm]' "
+                    "(hydra-submitit-launcher), then run the same command"
+                )
 
 
 # ------------------------------------------------------------------------------------------ overrides
@@ -307,6 +343,10 @@ def run_app(
         print(app_help(config_name, prog, help_hidden))
         raise SystemExit(0)
     overrides, checkable = _split_flags(sys.argv[1:])
+    try:
+        check_launcher(sys.argv[1:])
+    except ConfigError as e:
+        fail(str(e), prog)
     if checkable:
         problem = check_overrides(overrides, config_name, validate)
         if problem:

@@ -65,6 +65,16 @@ def validate_config(cfg: DictConfig) -> None:
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
     enc_cls = ENCODERS[modality][1]
     fields = set(enc_cls.__dataclass_fields__) - {"extra"}
+    from d2v_train.choices import data_modality, options_for
+    from d2v_train.pretrain import _choice, check_data_path
+
+    found = data_modality(cfg.data.get("_target_")) if cfg.get("data") is not None else None
+    if found and found != modality:
+        name = _choice("data", cfg.data.get("_target_"))
+        heads = ", ".join(sorted(t for t in TASKS[found]))
+        raise ConfigError(f"data={name} is {found} data but head={task} is a {modality} task; choose {modality} data "
+                          f"({', '.join(options_for('data', modality))}) or a {found} head ({heads})")
+    check_data_path(cfg)
     for key in _non_null(cfg.get("encoder_overrides")):
         if key not in fields:
             raise ConfigError(f"'encoder_overrides.{key}' does not apply to a {modality} encoder; valid keys: {', '.join(sorted(fields))}")
@@ -332,7 +342,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         final = metrics.get(metric)
         shown = f"{metric} {final:.4f}" if final is not None else f"no {metric}"
         best_s = f" (best {float(best):.4f}, {Path(best_path).name})" if best is not None else ""
-        print(f"d2v-finetune: done: {trainer.global_step} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
+        log.info(f"d2v-finetune: done: {trainer.global_step} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
     return metrics
 
 
@@ -352,8 +362,7 @@ def task(cfg: DictConfig) -> Optional[dict[str, float]]:
     except Exception as e:  # noqa: BLE001 - a sweep records every failure and moves on
         msg = " ".join(str(e).split()) or type(e).__name__
         record_job(run_dir, _overrides(), "failed", error=f"{type(e).__name__}: {msg[:300]}", job_num=_job_num())
-        log.error("job %s failed: %s: %s", _job_num(), type(e).__name__, msg)
-        print(f"d2v-finetune: job {_job_num()} failed: {type(e).__name__}: {msg[:300]}")
+        log.error("job %s failed: %s: %s", _job_num(), type(e).__name__, msg[:300])  # console and finetune.log
         return None
 
 

@@ -64,10 +64,54 @@ def validate_config(cfg: DictConfig) -> None:
     if kind not in valid:
         raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality}: {', '.join(valid)}")
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
+    from d2v_train.choices import data_modality, encoder_modality, mismatch
     from d2v_train.models import ENCODERS
 
+    found = data_modality(cfg.data.get("_target_")) if cfg.get("data") is not None else None
+    if found and found != modality:
+        raise ConfigError(mismatch(f"data={_choice('data', cfg.data.get('_target_'))}", found, modality))
+    enc_node = OmegaConf.to_container(cfg.encoder, resolve=False)
+    found = encoder_modality(enc_node)  # type: ignore[arg-type]
+    if found and found != modality:
+        raise ConfigError(mismatch(f"encoder={_choice('encoder')}", found, modality))
     _, enc_cls = ENCODERS[modality]
-    check_fields(OmegaConf.to_container(cfg.encoder, resolve=False), enc_cls, "encoder")  # type: ignore[arg-type]
+    check_fields(enc_node, enc_cls, "encoder")  # type: ignore[arg-type]
+    check_data_path(cfg)
+
+
+def _choice(group: str, target: Any = None) -> str:
+    """The option chosen for ``group`` (from Hydra's record when running, else by the data target)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        chosen = HydraConfig.get().runtime.choices.get(group)
+        if chosen:
+            return str(chosen)
+    if target:
+        from d2v_train.cli import config_dir
+
+        for path in sorted((Path(config_dir()) / group).glob("*.yaml")):
+            if f"_target_: {target}" in path.read_text():
+                return path.stem
+    return "..."
+
+
+def check_data_path(cfg: DictConfig) -> None:
+    """``data.path`` / ``data.val_path`` that do not exist: one line before anything is built."""
+    data = cfg.get("data")
+    if data is None:
+        return
+    for key in ("path", "val_path"):
+        if key not in data or OmegaConf.is_missing(data, key):
+            continue
+        value = data.get(key)
+        if value in (None, "") or not isinstance(value, str) or "://" in value:
+            continue
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"data.{key}={value} does not exist; set data.{key} to a folder, file, manifest or saved "
+                "`datasets` directory"
+            )
 
 
 def _instantiate_named(node: Any) -> list[Any]:
@@ -91,6 +135,10 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from d2v_train.lightning.pretrain import Data2VecPretraining
     from d2v_train.models import build_encoder
 
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from d2v_train.data import DataError
+
     modality = cfg.modality
     if datamodule is None:
         try:
@@ -100,10 +148,15 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     enc_cfg = dict(_container(cfg.encoder))
     special: Optional[dict[str, int]] = None
     vocab_size: Optional[int] = None
+    if modality == "text" or rank_zero_only.rank == 0:
+        # text: the tokenizer decides the vocabulary and the special ids, the encoder follows it;
+        # every modality: unusable data is reported before the model and the Trainer are built
+        try:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        except DataError as e:
+            raise UserError(str(e)) from None
     if modality == "text":
-        # the tokenizer decides the vocabulary and the special ids; the encoder follows it
-        datamodule.prepare_data()
-        datamodule.setup("fit")
         special = dict(datamodule.special_token_ids)
         vocab_size = int(datamodule.vocab_size)
         enc_cfg["vocab_size"] = vocab_size
@@ -261,8 +314,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
-    """Console entry point ``d2v-pretrain``."""
-    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=argv, help_hidden=())
+    """Console entry point ``d2v-pretrain``. ``data=`` / ``encoder=`` imply ``modality=`` (which picks the
+    matching masking and objective): ``d2v-pretrain data=text`` is text pretraining."""
+    import sys
+
+    from d2v_train.choices import imply_modality
+    from d2v_train.cli import fail
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = imply_modality(args)
+    except ConfigError as e:
+        fail(str(e), "d2v-pretrain")
+    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=args, help_hidden=())
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import d2v_train.pretrain as pretrain
-from d2v_train.cli import UserError, config_dir
+from d2v_train.cli import ConfigError, config_dir
 from d2v_train.lightning.checkpointing import CheckpointRefusedError, load_checkpoint_safely, resolve_ckpt_path
 from d2v_train.lightning.pretrain import Data2VecPretraining
 
@@ -170,9 +170,9 @@ def test_text_resume_is_exact(tmp_path: Path) -> None:
 
 def test_ckpt_path_values(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path) is None  # nothing to resume: a fresh run
-    with pytest.raises(UserError, match="no checkpoint at"):
+    with pytest.raises(ConfigError, match="no checkpoint at"):
         resolve_ckpt_path("last", tmp_path)
-    with pytest.raises(UserError, match="missing.ckpt"):
+    with pytest.raises(ConfigError, match="missing.ckpt"):
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()

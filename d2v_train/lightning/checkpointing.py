@@ -33,8 +33,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from d2v_train.cli import UserError
-from d2v_train.interop.files import atomic_write, torch_load_safely
+from d2v_train.cli import ConfigError, UserError
+from d2v_train.interop.files import ACCEPTED_SOURCES, atomic_write, not_a_torch_file, torch_load_safely
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -144,7 +144,10 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> Optional[str]:
         return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
     path = last if text.lower() == "last" else Path(text).expanduser()
     if not path.is_file():
-        raise UserError(f"ckpt_path={text}: no checkpoint at {path}")
+        raise ConfigError(f"ckpt_path={text}: no checkpoint at {path}; ckpt_path=null starts over")
+    problem = not_a_torch_file(path) if text.lower() != "last" else None
+    if problem:
+        raise ConfigError(f"ckpt_path={text}: {problem.replace(ACCEPTED_SOURCES, 'a .ckpt written by d2v-pretrain')}")
     return str(path)
 
 

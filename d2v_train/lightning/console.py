@@ -170,7 +170,7 @@ class OneLineSummary(ModelSummary):
                   model_size: float, total_training_modes: dict[str, int], total_flops: int = 0, **kwargs: Any) -> None:
         columns = dict(summary_data)
         names, types, params = columns.get("Name", []), columns.get("Type", []), columns.get("Params", [])
-        parts = [f"{n} {t} {p.replace(' ', '')}" for n, t, p in zip(names, types, params)]
+        parts = [f"{n} {t} {p.replace(' ', '')}" for n, t, p in zip(names, types, params) if p.strip() != "0"]
         log.info("model: %s; %s trainable of %s parameters", ", ".join(parts), _count(trainable_parameters),
                  _count(total_parameters))
 
