@@ -238,7 +238,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO
-    from d2v_train.lightning.console import drop_disabled
+    from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.finetune import FineTuning
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.models.heads import build_head
@@ -269,7 +269,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if trainer_args.get("strategy") in ("ddp", "ddp_spawn"):
         # frozen blocks (freeze_encoder_steps), an unused pooler: a head may leave parameters unused
         trainer_args["strategy"] = f"{trainer_args['strategy']}_find_unused_parameters_true"
-    callbacks = drop_disabled(_callbacks(cfg, metric, mode), trainer_args)
+    callbacks = drop_disabled([*_callbacks(cfg, metric, mode), QuietWorkers()], trainer_args)
     trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer
 

@@ -47,6 +47,7 @@ HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning on torch >= 2.10
     r".*module\(s\) in eval mode.*",  # the EMA teacher is in eval mode on purpose
     r".*find_unused_parameters=True was specified in DDP constructor.*",
+    r".*val_dataloader.*no `validation_step`.*",  # pretraining without a validation step
 )
 
 

@@ -130,7 +130,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO, ExactResume
-    from d2v_train.lightning.console import drop_disabled
+    from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.lightning.pretrain import Data2VecPretraining
     from d2v_train.models import build_encoder
@@ -181,7 +181,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if not any(isinstance(lg, CSVLogger) for lg in loggers):  # metrics.csv is always written
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     # ExactResume is part of correctness (like the EMA step), not an optional callback
-    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume()]
+    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume(), QuietWorkers()]
     trainer_args = _container(cfg.trainer)
     trainer_args["strategy"] = ddp_strategy(trainer_args.get("strategy", "auto"), encoder)
     callbacks = drop_disabled(callbacks, trainer_args)

@@ -20,7 +20,7 @@ from typing import Any, Union
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 
-__all__ = ["OneLineSummary", "SkippedFilesMonitor", "drop_disabled", "progress_bar", "total_updates"]
+__all__ = ["OneLineSummary", "QuietWorkers", "SkippedFilesMonitor", "drop_disabled", "progress_bar", "total_updates"]
 
 log = logging.getLogger("d2v_train.console")
 
@@ -84,7 +84,7 @@ class PlainUpdateBar(TQDMProgressBar):
         return _metrics(trainer, super().get_metrics(trainer, pl_module))
 
 
-def _rich_bar_class() -> type:
+try:
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.callbacks.progress.rich_progress import (
         BatchesProcessedColumn,
@@ -94,60 +94,64 @@ def _rich_bar_class() -> type:
     )
     from rich.progress import TextColumn
 
-    class RichUpdateBar(RichProgressBar):
-        """rich bar: ``update 120/200 ━━━━━━ 0:00:30 • 0:00:20 4.00it/s loss: 0.23 samples/s: 256``."""
+    _HAS_RICH = True
+except ImportError:  # pragma: no cover - rich is optional
+    _HAS_RICH = False
+    RichProgressBar = object  # type: ignore[assignment,misc]
 
-        @property
-        def total_train_batches(self) -> Union[int, float]:
-            return total_updates(self.trainer)
 
-        def _get_train_description(self, current_epoch: int) -> str:
-            return "update"
+class RichUpdateBar(RichProgressBar):  # type: ignore[misc,valid-type]
+    """rich bar: ``update 120/200 ━━━━━━ 0:00:30 • 0:00:20 4.00it/s loss: 0.23 samples/s: 256``.
 
-        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if self.is_disabled:
-                return
-            if self.progress is not None and self.train_progress_bar_id is None:
-                self.train_progress_bar_id = self._add_task(self.total_train_batches, "update")
-                self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
-            self.refresh()
+    A module-level class (not built on demand) so ``ddp_spawn`` can pickle it into its workers."""
 
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if not self.is_disabled and self.train_progress_bar_id is None:
-                self._initialize_train_progress_bar_id()
-            self._update(self.train_progress_bar_id, trainer.global_step)
-            self._update_metrics(trainer, pl_module)
-            self.refresh()
+    @property
+    def total_train_batches(self) -> Union[int, float]:
+        return total_updates(self.trainer)
 
-        def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-            return _metrics(trainer, super().get_metrics(trainer, pl_module))
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "update"
 
-        def configure_columns(self, trainer: L.Trainer) -> list:
-            return [
-                TextColumn("[progress.description]{task.description}"),
-                BatchesProcessedColumn(style=self.theme.batch_progress),
-                CustomBarColumn(
-                    complete_style=self.theme.progress_bar,
-                    finished_style=self.theme.progress_bar_finished,
-                    pulse_style=self.theme.progress_bar_pulse,
-                ),
-                CustomTimeColumn(style=self.theme.time),
-                ProcessingSpeedColumn(style=self.theme.processing_speed),
-            ]
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled:
+            return
+        if self.progress is not None and self.train_progress_bar_id is None:
+            self.train_progress_bar_id = self._add_task(self.total_train_batches, "update")
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+        self.refresh()
 
-    return RichUpdateBar
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return _metrics(trainer, super().get_metrics(trainer, pl_module))
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        return [
+            TextColumn("[progress.description]{task.description}"),
+            BatchesProcessedColumn(style=self.theme.batch_progress),
+            CustomBarColumn(
+                complete_style=self.theme.progress_bar,
+                finished_style=self.theme.progress_bar_finished,
+                pulse_style=self.theme.progress_bar_pulse,
+            ),
+            CustomTimeColumn(style=self.theme.time),
+            ProcessingSpeedColumn(style=self.theme.processing_speed),
+        ]
 
 
 def progress_bar(style: str = "auto", refresh_rate: int = 1) -> L.Callback:
     """The update-counting progress bar: ``rich``, ``plain`` (tqdm) or ``auto`` (rich if installed)."""
     if style not in ("auto", "rich", "plain"):
         raise ValueError(f"callbacks.progress.style={style!r}: expected auto, rich or plain")
-    if style != "plain":
-        try:
-            return _rich_bar_class()(refresh_rate=refresh_rate)
-        except (ImportError, ModuleNotFoundError):
-            if style == "rich":
-                raise ValueError("callbacks.progress.style=rich needs the `rich` package (pip install rich)") from None
+    if style != "plain" and _HAS_RICH:
+        return RichUpdateBar(refresh_rate=refresh_rate)
+    if style == "rich":
+        raise ValueError("callbacks.progress.style=rich needs the `rich` package (pip install rich)")
     return PlainUpdateBar(refresh_rate=refresh_rate)
 
 
@@ -200,3 +204,17 @@ def drop_disabled(callbacks: list[Any], trainer_args: dict[str, Any]) -> list[An
     if not trainer_args.get("enable_model_summary", True):
         out = [cb for cb in out if not isinstance(cb, ModelSummary)]
     return out
+
+
+class QuietWorkers(L.Callback):
+    """Applies the console's warning filters and noise filter inside processes Lightning starts itself
+    (``ddp_spawn`` workers are fresh interpreters: the entry point's settings do not reach them)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from d2v_train.logs import NoiseFilter, quiet_warnings
+
+        quiet_warnings()
+        for name in ("lightning.pytorch", "lightning.fabric", ""):
+            for handler in logging.getLogger(name).handlers:
+                if not any(isinstance(f, NoiseFilter) for f in handler.filters):
+                    handler.addFilter(NoiseFilter())
