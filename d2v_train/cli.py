@@ -118,7 +118,6 @@ def check_trainer(node: Mapping[str, Any]) -> None:
     from lightning import Trainer
 
     params = inspect.signature(Trainer.__init__).parameters
-    check_accelerator(node)
     for key, value in node.items():
         if key not in params or key in ("self", "callbacks", "logger", "plugins"):
             valid = ", ".join(sorted(k for k in params if k not in ("self", "callbacks", "logger", "plugins")))
@@ -145,6 +144,27 @@ def check_accelerator(node: Mapping[str, Any]) -> None:
         "trainer=gpu, ddp, ddp_fp16 and ddp_bf16 need one): run on CPU with trainer=cpu (the default), "
         "or trainer=ddp_cpu to test DDP with 2 CPU processes"
     )
+
+
+def check_data_path(cfg: Any) -> None:
+    """``data.path`` / ``data.val_path`` that do not exist: one line before anything is built."""
+    from omegaconf import OmegaConf
+
+    _is_missing = OmegaConf.is_missing
+    data = cfg.get("data")
+    if data is None:
+        return
+    for key in ("path", "val_path"):
+        if key not in data or _is_missing(data, key):
+            continue
+        value = data.get(key)
+        if value in (None, "") or not isinstance(value, str) or "://" in value:
+            continue
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"data.{key}={value} does not exist; set data.{key} to a folder, file, manifest or saved "
+                "`datasets` directory"
+            )
 
 
 def check_launcher(argv: Sequence[str]) -> None:
@@ -265,6 +285,10 @@ def check_overrides(
         cfg = _compose(overrides, config_name)
         if validate is not None:
             validate(cfg)
+        # this machine and its files, not the config's schema: checked on the command-line path only
+        if cfg.get("trainer") is not None:
+            check_accelerator(cfg.trainer)
+        check_data_path(cfg)
     except ConfigError as e:
         return str(e)
     except Exception as e:  # hydra / omegaconf errors

@@ -66,7 +66,7 @@ def validate_config(cfg: DictConfig) -> None:
     enc_cls = ENCODERS[modality][1]
     fields = set(enc_cls.__dataclass_fields__) - {"extra"}
     from d2v_train.choices import data_modality, options_for
-    from d2v_train.pretrain import _choice, check_data_path
+    from d2v_train.pretrain import _choice
 
     found = data_modality(cfg.data.get("_target_")) if cfg.get("data") is not None else None
     if found and found != modality:
@@ -74,7 +74,6 @@ def validate_config(cfg: DictConfig) -> None:
         heads = ", ".join(sorted(t for t in TASKS[found]))
         raise ConfigError(f"data={name} is {found} data but head={task} is a {modality} task; choose {modality} data "
                           f"({', '.join(options_for('data', modality))}) or a {found} head ({heads})")
-    check_data_path(cfg)
     for key in _non_null(cfg.get("encoder_overrides")):
         if key not in fields:
             raise ConfigError(f"'encoder_overrides.{key}' does not apply to a {modality} encoder; valid keys: {', '.join(sorted(fields))}")

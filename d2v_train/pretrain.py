@@ -76,7 +76,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(mismatch(f"encoder={_choice('encoder')}", found, modality))
     _, enc_cls = ENCODERS[modality]
     check_fields(enc_node, enc_cls, "encoder")  # type: ignore[arg-type]
-    check_data_path(cfg)
 
 
 def _choice(group: str, target: Any = None) -> str:
@@ -94,24 +93,6 @@ def _choice(group: str, target: Any = None) -> str:
             if f"_target_: {target}" in path.read_text():
                 return path.stem
     return "..."
-
-
-def check_data_path(cfg: DictConfig) -> None:
-    """``data.path`` / ``data.val_path`` that do not exist: one line before anything is built."""
-    data = cfg.get("data")
-    if data is None:
-        return
-    for key in ("path", "val_path"):
-        if key not in data or OmegaConf.is_missing(data, key):
-            continue
-        value = data.get(key)
-        if value in (None, "") or not isinstance(value, str) or "://" in value:
-            continue
-        if not Path(value).expanduser().exists():
-            raise ConfigError(
-                f"data.{key}={value} does not exist; set data.{key} to a folder, file, manifest or saved "
-                "`datasets` directory"
-            )
 
 
 def _instantiate_named(node: Any) -> list[Any]:
