@@ -324,6 +324,7 @@ def app_help(config_name: str, prog: str, hidden: Sequence[str] = ()) -> str:
         GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices)
     groups = [g for g in choices if not g.startswith("hydra/") and g not in hidden] + ["hydra/launcher"]
+    hidden_options = {h for h in hidden if ":" in h}  # "group:option" entries: options of another app
     out = [*_header(config_name), "", f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--hydra-help]", ""]
     out.append("config groups (GROUP=OPTION; default in brackets):")
     width = max(len(g) for g in groups)
@@ -333,7 +334,8 @@ def app_help(config_name: str, prog: str, hidden: Sequence[str] = ()) -> str:
         if g == "hydra/launcher":
             options = ["basic", *options]
         default = choices.get(g) or "none"
-        out.append(f"  {g.ljust(width)}  [{default}] {', '.join(o for o in options if o != default)}")
+        shown = [o for o in options if o != default and f"{g}:{o}" not in hidden_options]
+        out.append(f"  {g.ljust(width)}  [{default}] {', '.join(shown)}")
     plain = OmegaConf.to_container(cfg, resolve=False)
     scalars = [f"{k}={v}" for k, v in plain.items()  # type: ignore[union-attr]
                if k not in ("hydra", "run_dir", "modality") and not isinstance(v, (dict, list))]
@@ -354,8 +356,8 @@ def run_app(
 ) -> Any:
     """Run ``task(cfg)`` as a Hydra app on ``sys.argv`` (or ``argv``) after the override pre-check.
 
-    ``help_hidden``: when given, ``--help`` prints ``app_help`` (hiding these groups) instead of
-    Hydra's generic help."""
+    ``help_hidden``: when given, ``--help`` prints ``app_help`` (hiding these groups, and options given
+    as ``group:option``) instead of Hydra's generic help."""
     import hydra
 
     from d2v_train.logs import quiet_warnings, route_to_root

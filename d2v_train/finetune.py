@@ -367,7 +367,7 @@ def task(cfg: DictConfig) -> Optional[dict[str, float]]:
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Console entry point ``d2v-finetune``."""
-    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv, help_hidden=("head_data",))
+    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv, help_hidden=("head_data", "callbacks:default"))
 
 
 if __name__ == "__main__":

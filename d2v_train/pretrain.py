@@ -307,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
         args = imply_modality(args)
     except ConfigError as e:
         fail(str(e), "d2v-pretrain")
-    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=args, help_hidden=())
+    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=args, help_hidden=("callbacks:finetune",))
 
 
 if __name__ == "__main__":

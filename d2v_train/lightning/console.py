@@ -135,6 +135,7 @@ class RichUpdateBar(RichProgressBar):  # type: ignore[misc,valid-type]
             TextColumn("[progress.description]{task.description}"),
             BatchesProcessedColumn(style=self.theme.batch_progress),
             CustomBarColumn(
+                bar_width=20,  # leaves room for the metrics on an 80-column line
                 complete_style=self.theme.progress_bar,
                 finished_style=self.theme.progress_bar_finished,
                 pulse_style=self.theme.progress_bar_pulse,
