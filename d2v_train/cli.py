@@ -277,18 +277,21 @@ def _compose(overrides: Sequence[str], config_name: str) -> Any:
 
 
 def check_overrides(
-    overrides: Sequence[str], config_name: str, validate: Optional[Callable[[Any], None]] = None
+    overrides: Sequence[str], config_name: str, validate: Optional[Callable[[Any], None]] = None,
+    environment: bool = True,
 ) -> Optional[str]:
     """Compose ``config_name`` with ``overrides`` and run ``validate`` on it; returns None when all is
-    well, else a one-line message."""
+    well, else a one-line message. ``environment``: also check this machine (a GPU for a GPU trainer,
+    that ``data.path`` exists); off when the command only prints the config."""
     try:
         cfg = _compose(overrides, config_name)
         if validate is not None:
             validate(cfg)
         # this machine and its files, not the config's schema: checked on the command-line path only
-        if cfg.get("trainer") is not None:
+        if environment and cfg.get("trainer") is not None:
             check_accelerator(cfg.trainer)
-        check_data_path(cfg)
+        if environment:
+            check_data_path(cfg)
     except ConfigError as e:
         return str(e)
     except Exception as e:  # hydra / omegaconf errors
@@ -374,7 +377,8 @@ def run_app(
     except ConfigError as e:
         fail(str(e), prog)
     if checkable:
-        problem = check_overrides(overrides, config_name, validate)
+        prints_only = any(a in ("--cfg", "-c", "--info", "-i", "--resolve") for a in sys.argv[1:])
+        problem = check_overrides(overrides, config_name, validate, environment=not prints_only)
         if problem:
             fail(problem, prog)
 
