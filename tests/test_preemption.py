@@ -154,3 +154,22 @@ def test_sigusr1_from_outside(tmp_path: Path) -> None:
     assert 2 <= done < STEPS and steps(metrics) == list(range(done))
     assert f"stopped by SIGUSR1 at update {done} of {STEPS}" in err
     finish_and_check(run_dir, env, "resuming from")
+
+
+def test_set_aside_attempt_keeps_every_earlier_attempt(tmp_path: Path) -> None:
+    """Each fresh start moves the previous attempt's files to the next free attempt-<n>/ folder; a
+    directory with nothing of an attempt in it is left alone."""
+    from d2v_train.lightning.checkpointing import set_aside_attempt
+
+    (tmp_path / "pretrain.log").write_text("log of the current process\n")
+    assert set_aside_attempt(tmp_path) is None
+    for n in (1, 2):
+        (tmp_path / "metrics.csv").write_text(f"step\n{n}\n")
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04")
+        (tmp_path / "config.yaml").write_text("seed: 0\n")
+        moved = set_aside_attempt(tmp_path)
+        assert moved == tmp_path / f"attempt-{n}"
+        assert (moved / "metrics.csv").read_text() == f"step\n{n}\n" and (moved / "checkpoints" / "last.ckpt").is_file()
+        assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "pretrain.log").is_file()  # the open log of this process stays
