@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["ConfigError", "UserError", "config_dir", "check_fields", "check_overrides", "run_app", "fail"]
+__all__ = ["ConfigError", "UserError", "Stopped", "config_dir", "check_fields", "check_overrides", "run_app", "fail"]
 
 GROUPS = ("modality", "encoder", "masking", "objective", "data", "optim", "trainer", "logger", "callbacks", "experiment")
 
@@ -30,7 +30,17 @@ class ConfigError(ValueError):
 
 
 class UserError(RuntimeError):
-    """A runtime condition the user can fix (missing data, collapse, ...); printed as one line."""
+    """A runtime condition the user can fix (unusable data, collapse, ...); printed as one line, exit 1."""
+
+    exit_code = 1
+
+
+class Stopped(UserError):
+    """The run stopped on a signal after saving a checkpoint; exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 def config_dir() -> str:
@@ -45,9 +55,14 @@ def config_dir() -> str:
     raise ConfigError(f"cannot find the configs directory (looked in {here.parent / 'configs'}); set D2V_CONFIG_DIR")
 
 
-def fail(message: str, prog: str = "d2v", code: int = 2) -> None:
-    """Print ``prog: error: message`` (one line) to stderr and exit with ``code``."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def fail(message: str, prog: str = "d2v", code: int = 2, kind: str = "error") -> None:
+    """Print ``prog: error: message`` (one line) to stderr, copy it to the run's log file, and exit
+    with ``code`` (2: the command needs changing; 1: the run failed; 128+N: stopped by signal N)."""
+    line = f"{prog}: {kind + ': ' if kind else ''}{' '.join(str(message).split())}"
+    print(line, file=sys.stderr, flush=True)
+    from d2v_train.logs import log_to_file_only
+
+    log_to_file_only(line)
     raise SystemExit(code)
 
 
@@ -112,6 +127,62 @@ def check_trainer(node: Mapping[str, Any]) -> None:
             continue
         if isinstance(default, (bool, int, float)) and isinstance(value, str):
             raise ConfigError(f"bad value for 'trainer.{key}': {_describe(value)}, expected {type(default).__name__}")
+
+
+def check_accelerator(node: Mapping[str, Any]) -> None:
+    """A GPU accelerator on a machine where torch sees none: say so and how to run on CPU, instead of
+    Lightning's ``No supported gpu backend found!``."""
+    accelerator = str(node.get("accelerator") or "auto").lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return
+    raise ConfigError(
+        f"trainer.accelerator={accelerator} but no GPU is visible (torch.cuda.is_available() is False; "
+        "trainer=gpu, ddp, ddp_fp16 and ddp_bf16 need one): run on CPU with trainer=cpu (the default), "
+        "or trainer=ddp_cpu to test DDP with 2 CPU processes"
+    )
+
+
+def check_data_path(cfg: Any) -> None:
+    """``data.path`` / ``data.val_path`` that do not exist: one line before anything is built."""
+    from omegaconf import OmegaConf
+
+    _is_missing = OmegaConf.is_missing
+    data = cfg.get("data")
+    if data is None:
+        return
+    for key in ("path", "val_path"):
+        if key not in data or _is_missing(data, key):
+            continue
+        value = data.get(key)
+        if value in (None, "") or not isinstance(value, str) or "://" in value:
+            continue
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"data.{key}={value} does not exist; set data.{key} to a folder, file, manifest or saved "
+                "`datasets` directory"
+            )
+
+
+def check_launcher(argv: Sequence[str]) -> None:
+    """``hydra/launcher=submitit_slurm`` without its plugin installed (Hydra: ``Unknown plugin class``)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "hydra/launcher" and value == "submitit_slurm":
+            import importlib.util
+
+            try:
+                found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+            except ModuleNotFoundError:  # not even the hydra_plugins namespace
+                found = False
+            if not found:
+                raise ConfigError(
+                    "hydra/launcher=submitit_slurm needs the slurm extra: pip install 'd2v-train[slurm]' "
+                    "(hydra-submitit-launcher), then run the same command"
+                )
 
 
 # ------------------------------------------------------------------------------------------ overrides
@@ -206,19 +277,76 @@ def _compose(overrides: Sequence[str], config_name: str) -> Any:
 
 
 def check_overrides(
-    overrides: Sequence[str], config_name: str, validate: Optional[Callable[[Any], None]] = None
+    overrides: Sequence[str], config_name: str, validate: Optional[Callable[[Any], None]] = None,
+    environment: bool = True,
 ) -> Optional[str]:
     """Compose ``config_name`` with ``overrides`` and run ``validate`` on it; returns None when all is
-    well, else a one-line message."""
+    well, else a one-line message. ``environment``: also check this machine (a GPU for a GPU trainer,
+    that ``data.path`` exists); off when the command only prints the config."""
     try:
         cfg = _compose(overrides, config_name)
         if validate is not None:
             validate(cfg)
+        # this machine and its files, not the config's schema: checked on the command-line path only
+        if environment and cfg.get("trainer") is not None:
+            check_accelerator(cfg.trainer)
+        if environment:
+            check_data_path(cfg)
     except ConfigError as e:
         return str(e)
     except Exception as e:  # hydra / omegaconf errors
         return explain(e, overrides, config_name, validate)
     return None
+
+
+def _header(config_name: str) -> list[str]:
+    """The comment block at the top of ``<config_name>.yaml`` (what the app does, with examples)."""
+    lines = []
+    for line in (Path(config_dir()) / f"{config_name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return lines
+
+
+def app_help(config_name: str, prog: str, hidden: Sequence[str] = ()) -> str:
+    """``--help`` text: the config's header, then only the config groups this app composes (with their
+    options and the default), then its other top-level settings.
+
+    Hydra's own help lists every group in the config folder, which is shared by all entry points, so
+    ``d2v-pretrain --help`` would offer fine-tuning heads; this reads the app's real defaults tree."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    choices = dict(cfg.hydra.runtime.choices)
+    groups = [g for g in choices if not g.startswith("hydra/") and g not in hidden] + ["hydra/launcher"]
+    hidden_options = {h for h in hidden if ":" in h}  # "group:option" entries: options of another app
+    out = [*_header(config_name), "", f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--hydra-help]", ""]
+    out.append("config groups (GROUP=OPTION; default in brackets):")
+    width = max(len(g) for g in groups)
+    for g in sorted(groups, key=lambda g: (g.startswith("hydra/"), g)):
+        folder = Path(config_dir()) / g
+        options = sorted(q.stem for q in folder.glob("*.yaml")) if folder.is_dir() else []
+        if g == "hydra/launcher":
+            options = ["basic", *options]
+        default = choices.get(g) or "none"
+        shown = [o for o in options if o != default and f"{g}:{o}" not in hidden_options]
+        out.append(f"  {g.ljust(width)}  [{default}] {', '.join(shown)}")
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    scalars = [f"{k}={v}" for k, v in plain.items()  # type: ignore[union-attr]
+               if k not in ("hydra", "run_dir", "modality") and not isinstance(v, (dict, list))]
+    if scalars:
+        out += ["", "other settings: " + ", ".join(scalars)]
+    out += ["", f"Any key of the composed config can be set with KEY=VALUE ({prog} --cfg job prints it); "
+            "-m runs a sweep over comma-separated values."]
+    return "\n".join(out)
 
 
 def run_app(
@@ -227,25 +355,42 @@ def run_app(
     prog: str,
     validate: Optional[Callable[[Any], None]] = None,
     argv: Optional[Iterable[str]] = None,
+    help_hidden: Optional[Sequence[str]] = None,
 ) -> Any:
-    """Run ``task(cfg)`` as a Hydra app on ``sys.argv`` (or ``argv``) after the override pre-check."""
+    """Run ``task(cfg)`` as a Hydra app on ``sys.argv`` (or ``argv``) after the override pre-check.
+
+    ``help_hidden``: when given, ``--help`` prints ``app_help`` (hiding these groups, and options given
+    as ``group:option``) instead of Hydra's generic help."""
     import hydra
 
+    from d2v_train.logs import quiet_warnings, route_to_root
+
+    quiet_warnings()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if help_hidden is not None and any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(app_help(config_name, prog, help_hidden))
+        raise SystemExit(0)
     overrides, checkable = _split_flags(sys.argv[1:])
+    try:
+        check_launcher(sys.argv[1:])
+    except ConfigError as e:
+        fail(str(e), prog)
     if checkable:
-        problem = check_overrides(overrides, config_name, validate)
+        prints_only = any(a in ("--cfg", "-c", "--info", "-i", "--resolve") for a in sys.argv[1:])
+        problem = check_overrides(overrides, config_name, validate, environment=not prints_only)
         if problem:
             fail(problem, prog)
 
     def wrapped(cfg: Any) -> Any:
+        route_to_root()  # Lightning's lines and python warnings reach the console and the log file once
         try:
             if validate is not None:
                 validate(cfg)
             return task(cfg)
         except (ConfigError, UserError) as e:
-            fail(str(e), prog, 2 if isinstance(e, ConfigError) else 3)
+            code = 2 if isinstance(e, ConfigError) else int(getattr(e, "exit_code", 1))
+            fail(str(e), prog, code, kind="" if isinstance(e, Stopped) else "error")
 
     app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(wrapped)
     return app()

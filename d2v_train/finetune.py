@@ -66,6 +66,15 @@ def validate_config(cfg: DictConfig) -> None:
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
     enc_cls = ENCODERS[modality][1]
     fields = set(enc_cls.__dataclass_fields__) - {"extra"}
+    from d2v_train.choices import data_modality, options_for
+    from d2v_train.pretrain import _choice
+
+    found = data_modality(cfg.data.get("_target_")) if cfg.get("data") is not None else None
+    if found and found != modality:
+        name = _choice("data", cfg.data.get("_target_"))
+        heads = ", ".join(sorted(t for t in TASKS[found]))
+        raise ConfigError(f"data={name} is {found} data but head={task} is a {modality} task; choose {modality} data "
+                          f"({', '.join(options_for('data', modality))}) or a {found} head ({heads})")
     for key in _non_null(cfg.get("encoder_overrides")):
         if key not in fields:
             raise ConfigError(f"'encoder_overrides.{key}' does not apply to a {modality} encoder; valid keys: {', '.join(sorted(fields))}")
@@ -229,6 +238,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO
+    from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.finetune import FineTuning
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.models.heads import build_head
@@ -255,9 +265,12 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
-    trainer = L.Trainer(
-        **_container(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode), plugins=[AtomicCheckpointIO()]
-    )
+    trainer_args = _container(cfg.trainer)
+    if trainer_args.get("strategy") in ("ddp", "ddp_spawn"):
+        # frozen blocks (freeze_encoder_steps), an unused pooler: a head may leave parameters unused
+        trainer_args["strategy"] = f"{trainer_args['strategy']}_find_unused_parameters_true"
+    callbacks = drop_disabled([*_callbacks(cfg, metric, mode), QuietWorkers()], trainer_args)
+    trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer
 
 
@@ -339,7 +352,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         final = metrics.get(metric)
         shown = f"{metric} {final:.4f}" if final is not None else f"no {metric}"
         best_s = f" (best {float(best):.4f}, {Path(best_path).name})" if best is not None else ""
-        print(f"d2v-finetune: done: {trainer.global_step} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
+        log.info(f"d2v-finetune: done: {trainer.global_step} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
     return metrics
 
 
@@ -359,14 +372,13 @@ def task(cfg: DictConfig) -> Optional[dict[str, float]]:
     except Exception as e:  # noqa: BLE001 - a sweep records every failure and moves on
         msg = " ".join(str(e).split()) or type(e).__name__
         record_job(run_dir, _overrides(), "failed", error=f"{type(e).__name__}: {msg[:300]}", job_num=_job_num())
-        log.error("job %s failed: %s: %s", _job_num(), type(e).__name__, msg)
-        print(f"d2v-finetune: job {_job_num()} failed: {type(e).__name__}: {msg[:300]}")
+        log.error("job %s failed: %s: %s", _job_num(), type(e).__name__, msg[:300])  # console and finetune.log
         return None
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Console entry point ``d2v-finetune``."""
-    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv)
+    return run_app(task, "finetune", "d2v-finetune", validate=_precheck, argv=argv, help_hidden=("head_data", "callbacks:default"))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +29,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+from d2v_train.cli import ConfigError, Stopped, UserError, check_fields, check_trainer, run_app
 from d2v_train.interop.sources import TOKENIZER_FILE
+from d2v_train.logs import quiet_warnings
 
 __all__ = ["main", "train", "build", "validate_config"]
 
@@ -63,10 +65,35 @@ def validate_config(cfg: DictConfig) -> None:
     if kind not in valid:
         raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality}: {', '.join(valid)}")
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
+    from d2v_train.choices import data_modality, encoder_modality, mismatch
     from d2v_train.models import ENCODERS
 
+    found = data_modality(cfg.data.get("_target_")) if cfg.get("data") is not None else None
+    if found and found != modality:
+        raise ConfigError(mismatch(f"data={_choice('data', cfg.data.get('_target_'))}", found, modality))
+    enc_node = OmegaConf.to_container(cfg.encoder, resolve=False)
+    found = encoder_modality(enc_node)  # type: ignore[arg-type]
+    if found and found != modality:
+        raise ConfigError(mismatch(f"encoder={_choice('encoder')}", found, modality))
     _, enc_cls = ENCODERS[modality]
-    check_fields(OmegaConf.to_container(cfg.encoder, resolve=False), enc_cls, "encoder")  # type: ignore[arg-type]
+    check_fields(enc_node, enc_cls, "encoder")  # type: ignore[arg-type]
+
+
+def _choice(group: str, target: Any = None) -> str:
+    """The option chosen for ``group`` (from Hydra's record when running, else by the data target)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        chosen = HydraConfig.get().runtime.choices.get(group)
+        if chosen:
+            return str(chosen)
+    if target:
+        from d2v_train.cli import config_dir
+
+        for path in sorted((Path(config_dir()) / group).glob("*.yaml")):
+            if f"_target_: {target}" in path.read_text():
+                return path.stem
+    return "..."
 
 
 def _instantiate_named(node: Any) -> list[Any]:
@@ -85,9 +112,14 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO, ExactResume
+    from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.loggers import RunCSVLogger
     from d2v_train.lightning.pretrain import Data2VecPretraining
     from d2v_train.models import build_encoder
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from d2v_train.data import DataError
 
     modality = cfg.modality
     if datamodule is None:
@@ -98,10 +130,15 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     enc_cfg = dict(_container(cfg.encoder))
     special: Optional[dict[str, int]] = None
     vocab_size: Optional[int] = None
+    if modality == "text" or rank_zero_only.rank == 0:
+        # text: the tokenizer decides the vocabulary and the special ids, the encoder follows it;
+        # every modality: unusable data is reported before the model and the Trainer are built
+        try:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        except DataError as e:
+            raise UserError(str(e)) from None
     if modality == "text":
-        # the tokenizer decides the vocabulary and the special ids; the encoder follows it
-        datamodule.prepare_data()
-        datamodule.setup("fit")
         special = dict(datamodule.special_token_ids)
         vocab_size = int(datamodule.vocab_size)
         enc_cfg["vocab_size"] = vocab_size
@@ -126,13 +163,36 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if not any(isinstance(lg, CSVLogger) for lg in loggers):  # metrics.csv is always written
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     # ExactResume is part of correctness (like the EMA step), not an optional callback
-    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume()]
-    trainer_args = dict(_container(cfg.trainer))
+    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume(), QuietWorkers()]
+    trainer_args = _container(cfg.trainer)
+    trainer_args["strategy"] = ddp_strategy(trainer_args.get("strategy", "auto"), encoder)
     accumulate = int(trainer_args.get("accumulate_grad_batches") or 1)
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args.get("check_val_every_n_epoch") is None:
         trainer_args["val_check_interval"] *= accumulate  # configured in updates; Lightning counts batches
+    callbacks = drop_disabled(callbacks, trainer_args)
     trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return model, datamodule, trainer
+
+
+def ddp_strategy(strategy: Any, encoder: Any) -> Any:
+    """``ddp`` / ``ddp_spawn`` get ``find_unused_parameters`` only when the encoder can leave blocks
+    unused in a step (layerdrop > 0): the search costs an extra pass over the graph every update, and
+    DDP warns on every rank when it finds nothing."""
+    if not isinstance(strategy, str) or strategy not in ("ddp", "ddp_spawn"):
+        return strategy
+    if float(getattr(encoder.config, "layerdrop", 0.0) or 0.0) > 0:
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
+def updates_done(trainer: Any, last: Path) -> int:
+    """The number of updates the fit made. Under ``ddp_spawn`` the training ran in child processes and
+    this process's trainer still reads 0, so the count comes from the final checkpoint they wrote."""
+    if trainer.global_step or not last.is_file():
+        return int(trainer.global_step)
+    from d2v_train.lightning.checkpointing import load_checkpoint_safely
+
+    return int(load_checkpoint_safely(last).get("global_step", 0))
 
 
 def _instantiate_loggers(cfg: DictConfig) -> list[Any]:
@@ -156,26 +216,45 @@ def _instantiate_loggers(cfg: DictConfig) -> list[Any]:
     return out
 
 
+def _start_over(run_dir: Path, ckpt_setting: Any) -> None:
+    """A fresh start in a run directory that holds an earlier attempt: move that attempt's files aside
+    (so ``metrics.csv`` lists each update once) and say so in one line."""
+    from d2v_train.lightning.checkpointing import set_aside_attempt
+
+    explicit = str(ckpt_setting).strip().lower() in ("", "none", "null")
+    moved = set_aside_attempt(run_dir)
+    if moved is None:
+        return
+    why = "ckpt_path=null" if explicit else f"{run_dir} holds an earlier attempt but no checkpoint to resume from"
+    log.warning("d2v-pretrain: %s: starting over; the earlier attempt's files were moved to %s", why, moved)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """The whole run: seed, build, write the resolved config, fit (resuming when ``ckpt_path`` says
     so, see ``resolve_ckpt_path``), save ``checkpoints/last.ckpt``."""
     import lightning as L
 
+    from lightning.pytorch.utilities import rank_zero_only
+
     from d2v_train.lightning.callbacks import OnlineProbe, TrainingCollapsedError
     from d2v_train.lightning.checkpointing import ExactResume, final_state_saved, resolve_ckpt_path
+    from d2v_train.lightning.preemption import PreemptionCheckpoint
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
         raise ConfigError(f"missing value for '{key}': set it on the command line ({key}=...)")
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the teacher, on purpose
+    quiet_warnings()
     warnings.filterwarnings("ignore", message=r".*val_dataloader.*no `validation_step`.*")
     warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")  # a skipped NaN step: logged by us
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(str(cfg.run_dir))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path", "auto"), run_dir)
+    ckpt_setting = cfg.get("ckpt_path", "auto")
+    ckpt_path = resolve_ckpt_path(ckpt_setting, run_dir)
     if ckpt_path is not None:
-        print(f"d2v-pretrain: resuming from {ckpt_path} (ckpt_path=null starts over)", flush=True)
+        log.info("d2v-pretrain: resuming from %s (ckpt_path=null starts over)", ckpt_path)
+    elif rank_zero_only.rank == 0:
+        _start_over(run_dir, ckpt_setting)
     model, datamodule, trainer = build(cfg)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +270,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except TrainingCollapsedError as e:
         kept = f"; last good checkpoint: {last}" if last.is_file() else "; no checkpoint was written"
         raise UserError(f"stopped: {e}{kept}") from None
+    stop = next((cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)  # type: ignore[attr-defined]
+    if stop is not None and stop.stopped_by is not None:
+        raise Stopped(
+            f"stopped by {stop.stopped_by} at update {trainer.global_step}"
+            + (f" of {trainer.max_steps}" if trainer.max_steps > 0 else "")
+            + f"; saved {last}; run the same command again (same hydra.run.dir) to continue",
+            signum=int(getattr(signal, stop.stopped_by)),
+        )
     exact = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))  # type: ignore[attr-defined]
     fresh = exact.trained or ckpt_path is None  # a re-run of a finished command trains nothing: keep its file
     if not getattr(trainer, "interrupted", False) and fresh and not final_state_saved(trainer):
@@ -199,18 +286,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     wall = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     metrics["wall_s"] = wall
-    metrics["global_step"] = float(trainer.global_step)
+    steps = updates_done(trainer, last)
+    metrics["global_step"] = float(steps)
     probe = next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbe)), None)  # type: ignore[attr-defined]
     if probe is not None:
         metrics.update(probe.final)
     if trainer.is_global_zero and cfg.get("report", True) and not getattr(trainer, "interrupted", False):
-        _write_report(run_dir, wall, trainer.global_step, probe)
+        _write_report(run_dir, wall, steps, probe)
     if trainer.is_global_zero:
         loss = metrics.get("train/loss")
-        print(
-            f"d2v-pretrain: done: {trainer.global_step} updates in {wall:.1f} s"
+        log.info(
+            f"d2v-pretrain: done: {steps} updates in {wall:.1f} s"
             + (f", final loss {loss:.4f}" if loss is not None else "")
-            + f"; run dir {run_dir} (config.yaml, metrics.csv, checkpoints/last.ckpt)"
+            + f"; run dir {run_dir} (config.yaml, metrics.csv, checkpoints/last.ckpt, pretrain.log)"
         )
     return metrics
 
@@ -230,13 +318,24 @@ def _write_report(run_dir: Path, wall: float, updates: int, probe: Any) -> None:
         log.warning("run report not written: %s: %s", type(e).__name__, e)
         return
     for w in warns:  # the probe's own warning was printed by the callback
-        print(f"WARNING: {w}")
-    print(f"d2v-pretrain: report {summary} (plots beside it; report=false turns it off)")
+        log.warning("%s", w)
+    log.info("d2v-pretrain: report %s (plots beside it; report=false turns it off)", summary)
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
-    """Console entry point ``d2v-pretrain``."""
-    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=argv)
+    """Console entry point ``d2v-pretrain``. ``data=`` / ``encoder=`` imply ``modality=`` (which picks the
+    matching masking and objective): ``d2v-pretrain data=text`` is text pretraining."""
+    import sys
+
+    from d2v_train.choices import imply_modality
+    from d2v_train.cli import fail
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = imply_modality(args)
+    except ConfigError as e:
+        fail(str(e), "d2v-pretrain")
+    return run_app(train, "pretrain", "d2v-pretrain", validate=validate_config, argv=args, help_hidden=("callbacks:finetune",))
 
 
 if __name__ == "__main__":

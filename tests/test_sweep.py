@@ -34,7 +34,12 @@ def test_two_job_sweep_end_to_end(tmp_path: Path) -> None:
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # one job failed
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"d2v-finetune: error: 1 of 2 sweep jobs failed (errors in the table above and in {sweep_dir / 'sweep_results.csv'})"
+    )
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "job 1 failed" in line]
+    assert len(said) == 1, said  # the error once, not once per handler or print
     rows = list(csv.DictReader(open(sweep_dir / "sweep_results.csv")))
     assert [r["optim.scheduler"] for r in rows] == ["cosine", "no_such_schedule"]
     assert [r["status"] for r in rows] == ["ok", "failed"]

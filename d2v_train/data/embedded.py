@@ -326,7 +326,9 @@ class SpeechDataModule(AudioDataModule):
                 txt = u.out.with_suffix(".txt")
                 if not txt.is_file():
                     txt.write_text(u.text, encoding="utf-8")
-        log.info("speech corpus: %d utterances in %s", len(jobs), root)
+        if not getattr(self, "_announced", False):  # prepare_data runs more than once per process
+            log.info("speech corpus: %d utterances in %s", len(jobs), root)
+            self._announced = True
 
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:

@@ -90,6 +90,36 @@ def load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+ACCEPTED_SOURCES = (
+    "a .ckpt written by d2v-pretrain or d2v-finetune, a fairseq / BEiT data2vec v1 .pt file, "
+    "or a model directory with config.json (d2v-export or transformers)"
+)
+
+
+def not_a_torch_file(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a PyTorch file (a zip archive since torch 1.6, a pickle before), or None.
+
+    Checked from the first bytes before any unpickling, so a text or image file given as a checkpoint
+    gets a sentence saying so instead of an unpickler's byte count or ``pop from empty list``."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        what = "an empty file"
+    elif head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"fLaC", b"GIF8")):
+        what = "an image or audio file"
+    elif head.startswith(b"{"):
+        what = "a JSON file"
+    else:
+        try:
+            head.decode("utf-8")
+            what = "a text file"
+        except UnicodeDecodeError:
+            what = "not a PyTorch file"
+    return f"{path} is not a checkpoint ({what}); expected {ACCEPTED_SOURCES}"
+
+
 def torch_load_safely(path: Path, map_location: Any = "cpu", kind: str = "file") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
 
@@ -99,6 +129,9 @@ def torch_load_safely(path: Path, map_location: Any = "cpu", kind: str = "file")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} {path}: no such file")
+    problem = not_a_torch_file(path)
+    if problem:
+        raise ValueError(problem)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

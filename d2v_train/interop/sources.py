@@ -19,7 +19,7 @@ from torch import nn
 
 from ..models import Encoder, build_encoder
 from .fairseq import load_fairseq
-from .files import check_state, load_json, torch_load_safely
+from .files import check_state, load_json, not_a_torch_file, torch_load_safely
 from .native import FORMAT as NATIVE_FORMAT
 from .native import read_native
 from .transformers import BASE_CLASS, load_transformers
@@ -113,6 +113,9 @@ def load_source(path: Union[str, Path], weights: str = "student", *, ignore_head
         raise FileNotFoundError(f"{path}: no such checkpoint file or model directory")
     if path.suffix == ".safetensors":
         raise ValueError(f"{path}: pass the directory holding this file and its config.json")
+    problem = not_a_torch_file(path)
+    if problem:
+        raise ValueError(problem)
     checkpoint = torch_load_safely_or_fairseq(path)
     if checkpoint is None:
         return LoadedModel(load_fairseq(path), "fairseq", path)

@@ -237,15 +237,13 @@ class OnlineProbe(L.Callback):
             f"this run {lin:.3f} / {m['probe/knn_acc']:.3f}, same architecture at random init "
             f"{rnd:.3f} / {m['probe/random_init_knn_acc']:.3f} ({100 * (lin - rnd):+.1f} points after {updates} updates)"
         )
-        print(line, flush=True)
         log.info(line)
         if lin < rnd + self.margin:
             warn = (
-                "WARNING: pretraining did not beat the same encoder at random initialisation on the probe: "
+                "pretraining did not beat the same encoder at random initialisation on the probe: "
                 "the features learned nothing a linear classifier can use. Check the EMA schedule "
                 "(a teacher that barely moved gives random targets), the lr and the number of updates."
             )
-            print(warn, flush=True)
             log.warning(warn)
-            line += "\n" + warn
+            line += "\nWARNING: " + warn
         return line

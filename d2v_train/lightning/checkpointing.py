@@ -9,7 +9,11 @@
 - ``ExactResume``: a callback adding what Lightning does not restore by itself: the RNG streams
   (python ``random``, numpy, torch CPU and CUDA; per rank under DDP) and the CSV history past the
   checkpoint (rows a killed run logged after its last save are dropped, then the resumed run appends).
-- ``RunCheckpoint``: ``ModelCheckpoint`` whose final ``last.ckpt`` is resumable mid-epoch.
+- ``RunCheckpoint``: ``ModelCheckpoint`` whose final ``last.ckpt`` is resumable mid-epoch, and which
+  also saves ``last.ckpt`` every ``every_n_minutes`` of training (besides every N updates), so a job
+  killed without warning (SIGKILL, a node failure) loses at most that much work.
+- ``set_aside_attempt``: a run directory re-used without a checkpoint to resume from keeps no rows of the
+  dead attempt in the new ``metrics.csv``: its files move to ``attempt-<n>/``.
 - ``resolve_ckpt_path``: what ``ckpt_path=`` means for ``d2v-pretrain`` (auto-resume from the run
   directory's ``checkpoints/last.ckpt``).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,8 +33,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from d2v_train.cli import UserError
-from d2v_train.interop.files import atomic_write, torch_load_safely
+from d2v_train.cli import ConfigError, UserError
+from d2v_train.interop.files import ACCEPTED_SOURCES, atomic_write, not_a_torch_file, torch_load_safely
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -40,6 +45,7 @@ __all__ = [
     "load_checkpoint_safely",
     "nonfinite_keys",
     "resolve_ckpt_path",
+    "set_aside_attempt",
     "LAST_CKPT",
 ]
 
@@ -132,15 +138,16 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> Optional[str]:
     if text.lower() == "hpc":
         return "hpc"
     if text.lower() in ("", "none", "null"):
-        if last.is_file():
-            log.warning("ckpt_path=null: starting from scratch although %s exists (it will be overwritten)", last)
-        return None
+        return None  # the entry point sets the earlier attempt aside (``set_aside_attempt``) and says so
     if text.lower() == "auto":
         found = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
         return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
     path = last if text.lower() == "last" else Path(text).expanduser()
     if not path.is_file():
-        raise UserError(f"ckpt_path={text}: no checkpoint at {path}")
+        raise ConfigError(f"ckpt_path={text}: no checkpoint at {path}; ckpt_path=null starts over")
+    problem = not_a_torch_file(path) if text.lower() != "last" else None
+    if problem:
+        raise ConfigError(f"ckpt_path={text}: {problem.replace(ACCEPTED_SOURCES, 'a .ckpt written by d2v-pretrain')}")
     return str(path)
 
 
@@ -234,20 +241,53 @@ class ExactResume(L.Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` of a ``max_steps`` run is taken at the last update.
+    """``ModelCheckpoint`` whose ``last.ckpt`` of a ``max_steps`` run is taken at the last update, and
+    which also saves ``last.ckpt`` after every ``every_n_minutes`` of training.
 
     Lightning's ``ModelCheckpoint`` writes ``last.ckpt`` in ``on_train_end`` when it has not saved
     before, and ``trainer.save_checkpoint`` after ``fit`` does the same: both record the epoch as
     finished, so a run extended from that checkpoint (larger ``max_steps``) would skip the rest of
     the epoch. Saved at the last update's ``on_train_batch_end`` instead, it is a mid-epoch
     checkpoint like any other, and the extended run continues exactly.
+
+    The time-based save exists because a step cadence alone cannot be right for every model size: 1,000
+    updates are seconds for a tiny run and hours for a large one. Lightning offers steps *or* time, not
+    both; here both apply (whichever comes first). Rank 0's clock decides, broadcast to every rank so
+    all save at the same update. Saves happen only at an optimizer update, never mid-accumulation.
     """
 
+    def __init__(self, *args: Any, every_n_minutes: Optional[float] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.every_n_minutes = float(every_n_minutes) if every_n_minutes else None
+        self._last_time: Optional[float] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_time = time.monotonic()
+
+    def _time_is_up(self, trainer: L.Trainer) -> bool:
+        if self.every_n_minutes is None or self._last_time is None:
+            return False
+        due = time.monotonic() - self._last_time >= 60.0 * self.every_n_minutes
+        if trainer.world_size > 1:
+            due = bool(trainer.strategy.broadcast(due))
+        return due
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` for the current update (time-based and pre-emption saves)."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_time = time.monotonic()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        before = self._last_global_step_saved
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        last_update = 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop._should_accumulate()
-        if self.save_last and last_update and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._last_global_step_saved != before:
+            self._last_time = time.monotonic()  # a step-based save restarts the clock
+        if not self.save_last or trainer.fit_loop._should_accumulate() or self._should_skip_saving_checkpoint(trainer):
+            return
+        last_update = 0 < trainer.max_steps <= trainer.global_step
+        if last_update or self._time_is_up(trainer):
+            self.save_last_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
@@ -260,3 +300,29 @@ def final_state_saved(trainer: L.Trainer) -> bool:
         isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved == trainer.global_step
         for cb in trainer.checkpoint_callbacks
     )
+
+
+# files a run writes into its run directory that belong to one attempt (the log and .hydra/ of the
+# current process are already open / rewritten, so they stay)
+ATTEMPT_FILES = ("metrics.csv", "hparams.yaml", "config.yaml", "wandb_id", "tensorboard", "wandb", "checkpoints")
+
+
+def set_aside_attempt(run_dir: Path) -> Optional[Path]:
+    """Move an earlier attempt's files (metrics, logger state, checkpoints) to ``<run_dir>/attempt-<n>/``.
+
+    Called when a run starts from scratch in a directory that already holds them (a run killed before
+    its first checkpoint, or ``ckpt_path=null``): appending to the old ``metrics.csv`` would list the
+    first updates twice, and nothing the user may want to read is deleted. Returns the new folder, or
+    None when there was nothing to move.
+    """
+    present = [run_dir / name for name in ATTEMPT_FILES if (run_dir / name).exists()]
+    if not any(p.name in ("metrics.csv", "checkpoints") for p in present):
+        return None
+    n = 1
+    while (run_dir / f"attempt-{n}").exists():
+        n += 1
+    target = run_dir / f"attempt-{n}"
+    target.mkdir()
+    for p in present:
+        os.replace(p, target / p.name)
+    return target

@@ -1,6 +1,7 @@
 """Loggers that belong to a run directory and survive a resume.
 
-- ``RunCSVLogger``: ``metrics.csv`` directly in the run directory, appended to when a run resumes.
+- ``RunCSVLogger``: ``metrics.csv`` directly in the run directory, appended to when a run resumes, and
+  written at every update (not every 100), so a killed run has lost no row its checkpoint covers.
   Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` whenever its directory is not empty,
   which is always the case for a Hydra run directory and would erase the history of a resumed run.
   ``rewind(step)`` (called by ``ExactResume`` when a run resumes) drops rows a killed run logged after
@@ -33,6 +34,17 @@ class _AppendingWriter(ExperimentWriter):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """A new column: rewrite the file through a temporary file, so a kill cannot truncate it."""
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        tmp = self.metrics_file_path + ".tmp"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
     def rewind(self, step: int) -> None:
         """Drop the rows of ``step`` and later (unsaved ones too)."""
         self.metrics = [m for m in self.metrics if int(m.get("step", 0)) < step]
@@ -59,6 +71,9 @@ class RunCSVLogger(CSVLogger):
     def __init__(self, save_dir: str, **kwargs: Any) -> None:
         kwargs.setdefault("name", "")
         kwargs.setdefault("version", "")
+        # every row reaches the file when it is logged (one appended line per update): a killed run's
+        # file then holds every update up to its last checkpoint, which a resume continues from
+        kwargs.setdefault("flush_logs_every_n_steps", 1)
         super().__init__(save_dir, **kwargs)
 
     @property
@@ -71,6 +86,17 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
     @rank_zero_only
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """A new column: rewrite the file through a temporary file, so a kill cannot truncate it."""
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        tmp = self.metrics_file_path + ".tmp"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
     def rewind(self, step: int) -> None:
         """Forget the rows logged at ``step`` and after (a resume from the checkpoint of ``step``)."""
         self.experiment.rewind(step)

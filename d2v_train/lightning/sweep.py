@@ -122,7 +122,9 @@ def format_table(sweep_dir: str | Path, max_width: int = 40) -> str:
 
 class SweepResults(Callback):
     """Hydra callback (``hydra.callbacks``): writes ``sweep_results.csv`` and prints the table when a
-    multirun ends. Failed jobs appear with their error; jobs that wrote nothing are listed as missing."""
+    multirun ends. Failed jobs appear with their error; jobs that wrote nothing are listed as missing.
+    When any job failed, the process then exits with status 1 (after the table), so scripts and CI
+    notice."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -134,3 +136,8 @@ class SweepResults(Callback):
         if rows:
             print(format_table(sweep_dir), file=sys.stdout)
         sys.stdout.flush()
+        if failed:  # every job ran and the table is written; the exit status still says it failed
+            from d2v_train.cli import fail
+
+            fail(f"{failed} of {len(rows)} sweep jobs failed (errors in the table above and in {out})",
+                 f"d2v-{config.hydra.job.name}" if config.hydra.job.get("name") else "d2v", code=1)
