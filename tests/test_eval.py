@@ -48,10 +48,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     import contextlib
     import io
 
+    import logging
+
+    from d2v_train.logs import ConsoleFormatter
+
     run_dir = tmp_path_factory.mktemp("run")
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        pretrain.train(compose_cfg(run_dir, "trainer.max_steps=4"))
+    handler = logging.StreamHandler(out)  # what the console shows (the entry point's logging config)
+    handler.setFormatter(ConsoleFormatter())
+    root = logging.getLogger("d2v_train")
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out):
+            pretrain.train(compose_cfg(run_dir, "trainer.max_steps=4"))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
     return run_dir, out.getvalue()
 
 
@@ -251,9 +265,13 @@ def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "labels_per_class" in capsys.readouterr().err
 
 
-def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Any ProbeSets plugs in: variable-length token sequences (padding) through a text run."""
+    import logging
+
     from torch.utils.data import Dataset
+
+    caplog.set_level(logging.INFO, logger="d2v_train")
 
     from d2v_train.data import DocstringsDataModule
     from d2v_train.data.common import ProbeSets
@@ -282,7 +300,7 @@ def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyP
                       "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34",
                       "trainer.max_steps=2", "report=false")  # fmt: skip
     pretrain.train(cfg)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "probe on halves" in out and "same architecture at random init" in out
     probes = [r for r in rows(tmp_path / "run") if r.get("probe/linear_acc")]
     assert probes and float(probes[-1]["probe/linear_acc"]) > 0.9  # separable whatever the padding
