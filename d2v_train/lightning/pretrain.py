@@ -185,7 +185,8 @@ class Data2VecPretraining(L.LightningModule):
             with torch.no_grad():
                 teacher_out = self.teacher.model(inputs, padding_mask=pad, layer_targets=obj.layer_targets)
         else:
-            tokens, token_pad = self.student.embed(inputs, padding_mask)
+            # audio: the teacher reads the student's projected features before feat_proj_dropout
+            tokens, clean_tokens, token_pad = self.student.embed_with_clean(inputs, padding_mask)
             shape = (tokens.shape[0], tokens.shape[1])
             mask = compute_mask(
                 self.masking, shape, grid=self._grid(shape[1]), padding_mask=token_pad,
@@ -196,7 +197,7 @@ class Data2VecPretraining(L.LightningModule):
             with torch.no_grad():
                 if obj.teacher_input == "embed":  # audio: the teacher reuses the student's CNN features
                     teacher_out = self.teacher.model.contextualize(
-                        tokens.detach(), token_pad, layer_targets=obj.layer_targets
+                        clean_tokens.detach(), token_pad, layer_targets=obj.layer_targets
                     )
                 else:
                     teacher_out = self.teacher.model(inputs, padding_mask=padding_mask, layer_targets=obj.layer_targets)
