@@ -23,18 +23,15 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+from d2v_train.config_values import plain
 
 __all__ = ["main", "train", "build", "validate_config"]
 
 log = logging.getLogger("d2v_train.finetune")
 
 
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
 def _non_null(node: Any) -> dict[str, Any]:
-    return {k: v for k, v in (_container(node) or {}).items() if v is not None}
+    return {k: v for k, v in (plain(node) or {}).items() if v is not None}
 
 
 def _in_multirun() -> bool:
@@ -144,7 +141,7 @@ def _encoder(cfg: DictConfig, pre: Any, dm: Any) -> Any:
     from d2v_train.models import build_encoder
 
     if pre is None:
-        enc_cfg = dict(_container(cfg.encoder))
+        enc_cfg = dict(plain(cfg.encoder))
         if cfg.modality == "text":  # a fresh encoder follows the data's tokenizer
             enc_cfg["vocab_size"] = int(dm.vocab_size)
             for key in ("pad", "bos", "eos"):
@@ -244,7 +241,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     _load_head_weights(model, pre)
     try:
         module = FineTuning(
-            model, cfg.head.task, optim=_container(cfg.optim), finetune=_container(cfg.finetune),
+            model, cfg.head.task, optim=plain(cfg.optim), finetune=plain(cfg.finetune),
             vocab=vocab, classes=classes, seed=int(cfg.seed),
             special_token_ids=getattr(dm, "special_token_ids", None) if cfg.modality == "text" else None,
         )  # fmt: skip
@@ -255,7 +252,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     trainer = L.Trainer(
-        **_container(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode), plugins=[AtomicCheckpointIO()]
+        **plain(cfg.trainer), logger=loggers, callbacks=_callbacks(cfg, metric, mode), plugins=[AtomicCheckpointIO()]
     )
     return module, dm, trainer
 

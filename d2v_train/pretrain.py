@@ -28,15 +28,12 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+from d2v_train.config_values import plain
 from d2v_train.interop.sources import TOKENIZER_FILE
 
 __all__ = ["main", "train", "build", "validate_config"]
 
 log = logging.getLogger("d2v_train.pretrain")
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -94,7 +91,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
             datamodule = instantiate(cfg.data)
         except Exception as e:  # bad data options: one clear line
             raise ConfigError(f"data: {e.__cause__ or e}") from None
-    enc_cfg = dict(_container(cfg.encoder))
+    enc_cfg = dict(plain(cfg.encoder))
     special: Optional[dict[str, int]] = None
     vocab_size: Optional[int] = None
     if modality == "text":
@@ -113,9 +110,9 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         raise ConfigError(f"encoder: {e}") from None
     model = Data2VecPretraining(
         encoder,
-        objective=_container(cfg.objective),
-        masking=_container(cfg.masking),
-        optim=_container(cfg.optim),
+        objective=plain(cfg.objective),
+        masking=plain(cfg.masking),
+        optim=plain(cfg.optim),
         special_token_ids=special,
         vocab_size=vocab_size,
         seed=int(cfg.seed),
@@ -127,7 +124,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     # ExactResume is part of correctness (like the EMA step), not an optional callback
     callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume()]
     trainer = L.Trainer(
-        **_container(cfg.trainer), logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+        **plain(cfg.trainer), logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
     return model, datamodule, trainer
 

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from d2v_train.config_values import as_settings
 from d2v_train.objective.config import ObjectiveConfig
 from d2v_train.objective.decoder import RegressionHead
 from d2v_train.objective.ema import EMATeacher, ema_decay_at
@@ -50,16 +51,6 @@ __all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
 _log = logging.getLogger("d2v_train.pretrain")
 
 TEXT_SPECIAL_KEYS = ("pad", "bos", "eos", "mask", "unk")
-
-
-def _as(cls: Any, value: Any) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(dict(value))
-    return cls(**dict(value))
 
 
 class Data2VecPretraining(L.LightningModule):
@@ -87,9 +78,9 @@ class Data2VecPretraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.objective = _as(ObjectiveConfig, objective)
-        self.masking = _as(MaskingConfig, masking)
-        self.optim = _as(OptimConfig, optim)
+        self.objective = as_settings(ObjectiveConfig, objective)
+        self.masking = as_settings(MaskingConfig, masking)
+        self.optim = as_settings(OptimConfig, optim)
         self.modality: str = getattr(encoder, "modality")
         self.seed = int(seed)
         enc_cfg = getattr(encoder, "config", None)
