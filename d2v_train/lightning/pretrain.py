@@ -10,8 +10,8 @@ Step:
    rank), so a resumed run draws the same masks.
 2. student: masked input -> final hidden states -> head, at masked positions.
 3. teacher (eval mode, no grad, on the *unmasked* input: the full clean sentence for text, the
-   student's unmasked CNN features for audio, the clean image for vision) -> top-K block tensors ->
-   ``build_targets`` (fp32).
+   student's unmasked CNN features before feat_proj_dropout for audio, the clean image for vision) ->
+   top-K block tensors -> ``build_targets`` (fp32).
 4. loss over the masked positions of all ranks; EMA step once per optimizer update, right after the
    optimizer step (``optimizer_step``, which Lightning calls once per update under gradient
    accumulation). Doing it there rather than in ``on_train_batch_end`` means every checkpoint, also
