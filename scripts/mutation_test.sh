@@ -13,7 +13,7 @@ WORK="${WORK:-/tmp/d2v_mutation}"
 TIMEOUT="${TIMEOUT:-1800}"
 JOBS="${JOBS:-2}"
 PY="${PYTHON:-python}"
-TESTS="tests/test_objective_guards.py tests/test_pretrain.py tests/test_targets.py tests/test_loss.py tests/test_ema.py tests/test_masking.py"
+TESTS="${TESTS:-tests/test_objective_guards.py tests/test_pretrain.py tests/test_targets.py tests/test_loss.py tests/test_ema.py tests/test_masking.py}"
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 (cd "$ROOT" && git ls-files -z | xargs -0 cp -P --parents -t "$WORK")
@@ -36,6 +36,7 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]
 PY
 cd "$WORK"
+mkdir -p "$WORK/mutants"  # must exist before Python starts, or its path cache skips it for good
 export OMP_NUM_THREADS=1 PYTHONPATH="$WORK/mutants:$WORK"
 start=$(date +%s)
 # cheapest, most central files first, so a time-capped run still scores the objective's core
