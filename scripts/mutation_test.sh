@@ -6,6 +6,7 @@
 #   pip install "mutmut>=3,<4"
 #   scripts/mutation_test.sh                  # WORK=/tmp/d2v_mutation, TIMEOUT=1800 s, JOBS=2
 #   WORK=/tmp/m TIMEOUT=600 scripts/mutation_test.sh
+#   TESTS="tests/test_ema.py" GLOBS="d2v_train.objective.ema.*" scripts/mutation_test.sh   # a subset
 #   (cd /tmp/d2v_mutation && mutmut results)  # the survivors; `mutmut show <name>` prints a diff
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
