@@ -5,9 +5,10 @@ Run with a Python that has the reference packages (NOT the project's venv), e.g.
     python3 -m venv /tmp/fsvenv
     /tmp/fsvenv/bin/pip install "numpy<2" torch cython setuptools wheel
     /tmp/fsvenv/bin/pip install --no-build-isolation fairseq-fixed==0.12.3.1
+    /tmp/fsvenv/bin/pip install timm torchvision        # BEiT layout for the vision fixture
     /tmp/fsvenv/bin/python scripts/make_fairseq_golden.py tests/fixtures/fairseq
 
-For audio and text it writes ``<modality>.pt`` (a checkpoint shaped like a fairseq one: ``model``
+For audio, text and vision (BEiT layout, via timm) it writes ``<modality>.pt`` (a checkpoint shaped like a fairseq one: ``model``
 state dict + ``cfg.model`` as plain dicts, so ``torch.load(weights_only=True)`` reads it) and
 ``<modality>_io.pt`` (the input and the reference model's final encoder output, eval mode).
 ``tests/test_fairseq_golden.py`` loads them with ``d2v_train.interop.fairseq.load_fairseq``
@@ -89,11 +90,32 @@ def text(out: Path) -> None:
     torch.save({"inputs": ids, "padding_mask": ids == d.pad(), "last_hidden_state": x.clone()}, out / "text_io.pt")
 
 
+def vision(out: Path) -> None:
+    """data2vec v1 vision was trained in the BEiT code base (not on PyPI); timm's ``Beit`` has the
+    same module layout and key names (``blocks.N.attn.q_bias``, ``gamma_1``, the shared
+    ``rel_pos_bias``), so it stands in for it here."""
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    model = Beit(img_size=16, patch_size=4, num_classes=0, embed_dim=DIM, depth=LAYERS, num_heads=HEADS,
+                 mlp_ratio=FFN / DIM, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                 init_values=0.1, qkv_bias=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model.forward_features(pixels)
+    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}}, out / "vision.pt")
+    torch.save({"inputs": pixels, "last_hidden_state": x.clone()}, out / "vision_io.pt")
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[0] if argv else "tests/fixtures/fairseq")
     out.mkdir(parents=True, exist_ok=True)
     audio(out)
     text(out)
+    vision(out)
     for f in sorted(out.glob("*.pt")):
         print(f, f.stat().st_size, "bytes")
 

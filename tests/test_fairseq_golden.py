@@ -1,7 +1,8 @@
 """Golden check of the fairseq import against the reference code itself.
 
-``tests/fixtures/fairseq/`` holds tiny data2vec v1 audio and text models built and run by fairseq
-(``scripts/make_fairseq_golden.py``, in a separate venv with ``fairseq-fixed``): their checkpoints
+``tests/fixtures/fairseq/`` holds tiny data2vec v1 audio and text models built and run by fairseq,
+and a BEiT-layout vision model built and run by timm (``scripts/make_fairseq_golden.py``, in a
+separate venv with ``fairseq-fixed`` and ``timm``): their checkpoints
 and the reference encoder's output on a fixed input. Our importer must reproduce that output,
 which checks the key map, the inferred config and the layer maths against the reference, not
 against our own inverse map.
@@ -19,7 +20,7 @@ from d2v_train.interop.fairseq import load_fairseq
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fairseq"
 
 
-@pytest.mark.parametrize("modality", ["audio", "text"])
+@pytest.mark.parametrize("modality", ["audio", "text", "vision"])
 def test_reference_checkpoint_reproduces_reference_output(modality: str) -> None:
     encoder = load_fairseq(FIXTURES / f"{modality}.pt")
     assert encoder.modality == modality
