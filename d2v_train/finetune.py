@@ -24,18 +24,15 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from d2v_train.cli import ConfigError, UserError, check_fields, check_trainer, run_app
+from d2v_train.config_values import plain
 
 __all__ = ["main", "train", "build", "validate_config"]
 
 log = logging.getLogger("d2v_train.finetune")
 
 
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
 def _non_null(node: Any) -> dict[str, Any]:
-    return {k: v for k, v in (_container(node) or {}).items() if v is not None}
+    return {k: v for k, v in (plain(node) or {}).items() if v is not None}
 
 
 def _in_multirun() -> bool:
@@ -154,7 +151,7 @@ def _encoder(cfg: DictConfig, pre: Any, dm: Any) -> Any:
     from d2v_train.models import build_encoder
 
     if pre is None:
-        enc_cfg = dict(_container(cfg.encoder))
+        enc_cfg = dict(plain(cfg.encoder))
         if cfg.modality == "text":  # a fresh encoder follows the data's tokenizer
             enc_cfg["vocab_size"] = int(dm.vocab_size)
             for key in ("pad", "bos", "eos"):
@@ -255,7 +252,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     _load_head_weights(model, pre)
     try:
         module = FineTuning(
-            model, cfg.head.task, optim=_container(cfg.optim), finetune=_container(cfg.finetune),
+            model, cfg.head.task, optim=plain(cfg.optim), finetune=plain(cfg.finetune),
             vocab=vocab, classes=classes, seed=int(cfg.seed),
             special_token_ids=getattr(dm, "special_token_ids", None) if cfg.modality == "text" else None,
         )  # fmt: skip
@@ -265,7 +262,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
-    trainer_args = _container(cfg.trainer)
+    trainer_args = plain(cfg.trainer)
     if trainer_args.get("strategy") in ("ddp", "ddp_spawn"):
         # frozen blocks (freeze_encoder_steps), an unused pooler: a head may leave parameters unused
         trainer_args["strategy"] = f"{trainer_args['strategy']}_find_unused_parameters_true"
@@ -342,7 +339,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
                 logged, step = read_metrics(run_dir / METRICS_FILE)
                 record = RunRecord(kind="finetuning", source=Path(best_path) if best_path else None, run_dir=run_dir,
-                                   config=_container(cfg), hparams=dict(module.hparams), metrics={**logged, **metrics},
+                                   config=plain(cfg), hparams=dict(module.hparams), metrics={**logged, **metrics},
                                    step=step, updates=trainer.global_step, datamodule=dm)
                 tokenizer = getattr(dm, "tokenizer_path", None)
                 export_best(module, best_path, run_dir / "model", record, Path(tokenizer) if tokenizer else None)

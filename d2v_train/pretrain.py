@@ -30,16 +30,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from d2v_train.cli import ConfigError, Stopped, UserError, check_fields, check_trainer, run_app
+from d2v_train.config_values import plain
 from d2v_train.interop.sources import TOKENIZER_FILE
 from d2v_train.logs import quiet_warnings
 
 __all__ = ["main", "train", "build", "validate_config"]
 
 log = logging.getLogger("d2v_train.pretrain")
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -127,7 +124,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
             datamodule = instantiate(cfg.data)
         except Exception as e:  # bad data options: one clear line
             raise ConfigError(f"data: {e.__cause__ or e}") from None
-    enc_cfg = dict(_container(cfg.encoder))
+    enc_cfg = dict(plain(cfg.encoder))
     special: Optional[dict[str, int]] = None
     vocab_size: Optional[int] = None
     if modality == "text" or rank_zero_only.rank == 0:
@@ -151,9 +148,9 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         raise ConfigError(f"encoder: {e}") from None
     model = Data2VecPretraining(
         encoder,
-        objective=_container(cfg.objective),
-        masking=_container(cfg.masking),
-        optim=_container(cfg.optim),
+        objective=plain(cfg.objective),
+        masking=plain(cfg.masking),
+        optim=plain(cfg.optim),
         special_token_ids=special,
         vocab_size=vocab_size,
         seed=int(cfg.seed),
@@ -164,7 +161,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     # ExactResume is part of correctness (like the EMA step), not an optional callback
     callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume(), QuietWorkers()]
-    trainer_args = _container(cfg.trainer)
+    trainer_args = plain(cfg.trainer)
     trainer_args["strategy"] = ddp_strategy(trainer_args.get("strategy", "auto"), encoder)
     accumulate = int(trainer_args.get("accumulate_grad_batches") or 1)
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args.get("check_val_every_n_epoch") is None:

@@ -137,3 +137,43 @@ def test_schedule_cap_keeps_a_teacher_in_very_short_runs() -> None:
     tiny = resolve_schedule(0.9998, 0.9998, 0, 4, max_horizon=0.1)
     assert tiny.decay == pytest.approx(0.9) and tiny.end_decay == pytest.approx(0.9)
     assert resolve_schedule(0.5, 0.6, 0, 4, max_horizon=0.1).decay == 0.5  # lower decays are kept
+
+
+def test_fp32_shadow_survives_checkpoints_and_casts_back() -> None:
+    """bf16 teacher: every averaged tensor keeps fp32 precision in the shadow, a state dict carries
+    the shadow to a fresh teacher (which then steps identically), and casting back to fp32 turns
+    the shadow into the weights."""
+    student = Toy()
+    teacher = EMATeacher(student)
+    teacher.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-3)
+    for _ in range(5):
+        teacher.step(student, 0.99)
+    shadows = [s.clone() for s in teacher.shadow()]
+    assert len(shadows) == len(teacher.ema_names) and all(s.dtype == torch.float32 for s in shadows)
+    assert any(not torch.equal(s, s.bfloat16().float()) for s in shadows)  # finer than bf16
+    params = dict(teacher.model.named_parameters())
+    for name, s in zip(teacher.ema_names, shadows):
+        assert params[name].dtype == torch.bfloat16 and torch.equal(params[name], s.bfloat16())
+    other = EMATeacher(Toy())  # other weights: everything must come from the state dict
+    other.to(torch.bfloat16)
+    other.load_state_dict(teacher.state_dict())
+    for a, b in zip(other.shadow(), shadows):
+        assert torch.equal(a, b)
+    teacher.step(student, 0.9)
+    other.step(student, 0.9)
+    for a, b in zip(other.shadow(), teacher.shadow()):
+        assert torch.equal(a, b)
+    teacher.float()
+    params = dict(teacher.model.named_parameters())
+    for name, s in zip(teacher.ema_names, teacher.shadow()):
+        assert params[name].dtype == torch.float32 and torch.equal(params[name], s)
+
+
+def test_decay_schedule_edges() -> None:
+    assert ema_decay_at(0, 0.5, 0.9, 1) == 0.5  # a one-update ramp still starts at the start value
+    assert ema_decay_at(1, 0.5, 0.9, 1) == 0.9
+    assert ema_decay_at(4, 0.5, 0.9, 4) == 0.9 and ema_decay_at(3, 0.5, 0.9, 4) == pytest.approx(0.8)
+    assert ema_decay_at(0, 0.5, 0.9, 0) == 0.9  # no ramp: the end value from the start

@@ -66,3 +66,24 @@ def test_heads() -> None:
     assert sum(p.numel() for p in lin.parameters()) == 8 * 8 + 8
     assert sum(p.numel() for p in mlp.parameters()) == 8 * 16 + 16 + 16 * 8 + 8
     assert mlp(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_global_std_non_square_and_too_few_positions() -> None:
+    """5 positions x 3 channels (a square input hides swapped axes and n vs n - 1 mix-ups)."""
+    x = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 4.0], [2.0, 1.0, 0.0], [3.0, 1.0, 1.0], [9.0, 1.0, 3.0]])
+    expected = torch.sqrt(x.var(0, unbiased=True) + 1e-6).mean()
+    torch.testing.assert_close(global_std(x), expected)
+    torch.testing.assert_close(global_std(x.reshape(1, 5, 3)), expected)  # (batch, time, dim) flattens
+    one = global_std(x[:1])
+    assert one.shape == () and one.item() == 0.0  # a single position has no spread to measure
+
+
+def test_masked_loss_passes_loss_settings_and_counts_a_single_position() -> None:
+    pred, target = torch.randn(3, 4), torch.randn(3, 4)
+    res = masked_regression_loss(pred, target, loss_beta=0.5, loss_scale=2.0, channel_reduction="mean")
+    per = regression_loss(pred, target, loss_beta=0.5, loss_scale=2.0, channel_reduction="mean")
+    torch.testing.assert_close(res.loss, per.sum() / 3)
+    torch.testing.assert_close(res.global_loss, per.sum() / 3)
+    single = masked_regression_loss(pred[:1], target[:1])
+    torch.testing.assert_close(single.loss, regression_loss(pred[:1], target[:1])[0])  # divided by 1, not more
+    assert single.count.item() == 1

@@ -1,5 +1,6 @@
-"""DDP with 2 CPU processes (gloo): teachers stay identical across ranks and the loss is the mean
-over the masked positions of *both* ranks (not the mean of per-rank means)."""
+"""DDP with 2 CPU processes (gloo): teachers stay identical across ranks, the loss is the mean over
+the masked positions of *both* ranks (not the mean of per-rank means), and one update's student
+gradient equals that of a single process on the two ranks' batches concatenated."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helpers, whatever pytest's import mode
 from test_pretrain import fixed_batch, module_for  # noqa: E402
+
+import d2v_train.lightning.pretrain as pretrain_module  # noqa: E402
+
+# masks for the 12 images of a concatenated step (8 on rank 0, then 4 on rank 1), uneven per image
+FIXED_MASKS = torch.rand(12, 16, generator=torch.Generator().manual_seed(3)) < torch.linspace(0.2, 0.8, 12)[:, None]
+
+
+def fixed_mask(cfg: Any, shape: tuple[int, int], **kwargs: Any) -> torch.Tensor:
+    """Stand-in for ``compute_mask``: rank 0's 8 images take rows 0-7, rank 1's 4 images rows
+    8-11, a 12-image batch all rows, so one process on the concatenation sees the same masks."""
+    rows = {8: FIXED_MASKS[:8], 4: FIXED_MASKS[8:], 12: FIXED_MASKS}[shape[0]]
+    return rows.clone()
 
 
 def first(items: list[Any]) -> Any:
@@ -39,6 +52,15 @@ class Dump(L.Callback):
         self.folder = folder
         self.rows: list[dict[str, float]] = []
 
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        pretrain_module.compute_mask = fixed_mask  # in the spawned rank processes only
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step == 0:  # after DDP's gradient averaging, before the first update
+            grads = {f"{who}.{n}": p.grad.detach().clone() for who in ("student", "head")
+                     for n, p in getattr(pl_module, who).named_parameters() if p.grad is not None}
+            torch.save(grads, Path(self.folder, f"grads{trainer.global_rank}.pt"))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         s = pl_module.last_stats
         self.rows.append({k: float(s[k]) for k in ("loss", "local_sum", "local_count", "masked")})
@@ -53,7 +75,7 @@ class Dump(L.Callback):
         torch.save({k: v.detach().clone() for k, v in pl_module.student.state_dict().items()}, Path(self.folder, f"student{rank}.pt"))
 
 
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes(tmp_path: Path, monkeypatch: Any) -> None:
     model = module_for("vision")
     loader = DataLoader(Batches(), batch_size=1, collate_fn=first)
     trainer = L.Trainer(
@@ -81,3 +103,17 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
     assert any(not torch.equal(t0[f"model.{k}"], s0[k]) for k in s0 if f"model.{k}" in t0)
+    # the student gradient of update 1 equals one process's on the concatenated batch (uneven
+    # masked counts: 8 vs 4 images and 20-80 % masks per image)
+    g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in range(2))
+    monkeypatch.setattr(pretrain_module, "compute_mask", fixed_mask)
+    single = module_for("vision")
+    full = fixed_batch("vision")["inputs"]
+    out = single.compute_objective(torch.cat([full, full[:4] * 0.5]), None, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert int(out["masked"]) == int(FIXED_MASKS.sum()) == rows[0][0]["masked"]
+    ref = {f"{who}.{n}": p.grad for who in ("student", "head") for n, p in getattr(single, who).named_parameters() if p.grad is not None}
+    assert ref.keys() == g0.keys() == g1.keys() and len(ref) > 10
+    for k in ref:
+        torch.testing.assert_close(g0[k], g1[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(g0[k], ref[k], rtol=1e-4, atol=1e-7, msg=k)

@@ -168,6 +168,61 @@ def test_text_resume_is_exact(tmp_path: Path) -> None:
     assert_same_state(last(tmp_path / "resumed"), last(tmp_path / "straight"))
 
 
+def chirp_folder(folder: Path, count: int = 12) -> Path:
+    """``count`` 16 kHz wav files of different lengths (so pad batching pads), chirps with noise."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        t = np.arange(int(16000 * rng.uniform(0.4, 0.8))) / 16000
+        f0, rate = rng.uniform(200, 1500), rng.uniform(-800, 800)
+        wav = np.sin(2 * np.pi * (f0 * t + 0.5 * rate * t * t)) + 0.05 * rng.standard_normal(t.shape)
+        sf.write(str(folder / f"{i}.wav"), wav.astype(np.float32), 16000)
+    return folder
+
+
+def resume_case(case: str, tmp_path: Path) -> list[str]:
+    """Overrides for one resume scenario (all with dropout on, so the restored RNG matters)."""
+    if case == "audio":  # span masks cut to equal counts per row (require_same_masks), padded batches
+        return [
+            *SMALL[:2], "modality=audio", "data=audio", f"data.path={chirp_folder(tmp_path / 'wavs')}",
+            "data.val_fraction=0", "data.num_workers=0", "data.pin_memory=false", "data.batching=pad",
+            "data.max_tokens=60000", "encoder.hidden_size=32", "encoder.intermediate_size=64",
+            "encoder.num_hidden_layers=2", "objective.top_k=2", "encoder.hidden_dropout=0.1",
+            "encoder.attention_dropout=0.1", "encoder.feat_proj_dropout=0.1", "masking.require_same_masks=true",
+            *(o for o in SMALL if o.startswith(("objective.ema.", "optim."))),
+        ]
+    if case == "accumulate":  # 2 micro-batches per update: data position, EMA once per update
+        return [*TINY, "trainer.accumulate_grad_batches=2"]
+    if case == "bf16_shadow":  # bf16 weights on CPU: the EMA teacher lives in an fp32 shadow
+        return [*TINY, "trainer.precision=bf16-true"]
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["audio", "accumulate", "bf16_shadow"])
+def test_resume_is_exact_for(case: str, tmp_path: Path) -> None:
+    """Straight 2N updates == N, then the longer command in the same run directory."""
+    base = resume_case(case, tmp_path)
+    run(tmp_path / "straight", f"trainer.max_steps={2 * N}", base=base)
+    run(tmp_path / "resumed", f"trainer.max_steps={N}", base=base)
+    run(tmp_path / "resumed", f"trainer.max_steps={2 * N}", base=base)
+    assert len(rows(tmp_path / "straight")) == 2 * N
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+    a, b = last(tmp_path / "resumed"), last(tmp_path / "straight")
+    assert_same_state(a, b)
+    if case == "bf16_shadow":
+        shadow = a["state_dict"]["teacher._extra_state"]["shadow"]
+        teacher = [v for k, v in a["state_dict"].items() if k.startswith("teacher.model.") and v.is_floating_point()]
+        assert shadow and all(s.dtype == torch.float32 for s in shadow)
+        assert all(v.dtype == torch.bfloat16 for v in teacher)
+        # the shadow holds more than bf16 can: the teacher is not just its own rounded copy
+        assert any(not torch.equal(s, s.bfloat16().float()) for s in shadow)
+    if case == "audio":
+        assert a["hyper_parameters"]["modality"] == "audio" and a["hyper_parameters"]["masking"]["require_same_masks"]
+
+
 def test_ckpt_path_values(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path) is None  # nothing to resume: a fresh run
     with pytest.raises(ConfigError, match="no checkpoint at"):

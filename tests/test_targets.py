@@ -69,3 +69,37 @@ def test_build_targets_rejects_bad_args() -> None:
         build_targets([torch.zeros(1, 1, 1)], 2)
     with pytest.raises(ValueError):
         normalize(torch.zeros(1, 1, 1), "group")
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_build_targets_with_padding_uses_only_valid_positions(norm: str) -> None:
+    """Through ``build_targets`` (not just the norm functions): padded frames neither enter the
+    statistics nor get a target; the valid part equals the norm of the valid frames alone."""
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 6, 3, generator=g) * (i + 1) + i for i in range(3)]
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    out = build_targets(layers, 2, layer_norm=norm, final_norm=norm, padding_mask=pad)
+    assert torch.isfinite(out).all() and (out[pad] == 0).all()
+
+    def ref(x: torch.Tensor) -> list[torch.Tensor]:  # per sample, valid frames only
+        if norm == "instance":
+            return [F.instance_norm(x[b : b + 1, : 6 - 2 * b].transpose(1, 2)).transpose(1, 2)[0] for b in range(2)]
+        flat = torch.cat([x[0], x[1, :4]])
+        normed = F.batch_norm(flat, None, None, training=True, eps=1e-5)
+        return [normed[:6], normed[6:]]
+
+    per_layer = [ref(y) for y in layers[-2:]]
+    avg = [(per_layer[0][b] + per_layer[1][b]) / 2 for b in range(2)]
+    padded_avg = torch.zeros(2, 6, 3)
+    padded_avg[0], padded_avg[1, :4] = avg[0], avg[1]
+    expected = ref(padded_avg)
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1, :4], expected[1], rtol=1e-4, atol=1e-5)
+
+
+def test_top_1_is_the_normalised_last_layer() -> None:
+    layers = [torch.randn(2, 5, 4) for _ in range(3)]
+    torch.testing.assert_close(build_targets(layers, 1, layer_norm="layer"), normalize(layers[-1], "layer"))
+    with pytest.raises(ValueError, match="top_k=0"):
+        build_targets(layers, 0)

@@ -1,5 +1,8 @@
 """Audio pretraining / fine-tuning data: folders, fairseq manifests or local `datasets`, all at 16 kHz.
 
+Sources (`audio_sources`), transcripts (`audio_transcripts`) and the CTC vocabulary (`ctc_vocab`)
+live in their own modules; this one holds the dataset and the LightningDataModule.
+
 `data.path` may be
 - a folder of audio files (recursive; `.wav`, `.flac`, `.ogg` by default),
 - a fairseq manifest (`.tsv`: first line the root folder, then `relative/path<TAB>num_samples`),
@@ -13,10 +16,9 @@ counted inside the worker (see `common.SafeDataset`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,127 +44,24 @@ from d2v_train.data.common import (
     progress,
     seeded_split,
 )
+from d2v_train.data.audio_sources import (  # noqa: F401  (re-exported: the old import path keeps working)
+    AUDIO_EXTENSIONS,
+    AudioItem,
+    hf_source,
+    read_manifest,
+    scan_folder,
+)
+from d2v_train.data.audio_transcripts import attach_side_transcripts, attach_txt_transcripts
+from d2v_train.data.ctc_vocab import CharVocab
 from d2v_train.data.samplers import LengthBucketBatchSampler, mix_seed
 
 log = logging.getLogger("d2v_train.data")
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 DEFAULT_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
 DEFAULT_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
 
-@dataclass(frozen=True)
-class AudioItem:
-    """One utterance: where it is, its length at the target rate, and its optional targets."""
-
-    name: str  # shown in skip messages
-    path: str | None = None  # file on disk, or
-    row: int | None = None  # row of the `datasets` table
-    num_samples: int = 0  # at the target sample rate
-    label: str | None = None  # class name (folder / column)
-    transcript: str | None = None
-
-
-# ---------------------------------------------------------------------------------------- sources
-
-
-def scan_folder(folder: Path, extensions: Sequence[str]) -> list[AudioItem]:
-    exts = {e.lower() for e in extensions}
-    paths = sorted(
-        p
-        for p in progress(folder.rglob("*"), desc=f"scanning {folder}")
-        if p.suffix.lower() in exts and p.is_file()
-    )
-    items = []
-    for p in paths:
-        rel = p.relative_to(folder)
-        label = rel.parts[0] if len(rel.parts) > 1 else None
-        items.append(AudioItem(name=str(p), path=str(p), label=label))
-    return items
-
-
-def read_manifest(manifest: Path, skips: SkipTracker) -> list[AudioItem]:
-    """fairseq manifest: root line, then `path<TAB>num_samples`; missing files are counted skips."""
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        raise DataError(f"{manifest}: empty manifest (expected a root folder line, then path<TAB>samples)")
-    root = Path(lines[0].strip())
-    items = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        path = root / parts[0]
-        name = f"{path} ({manifest.name}:{lineno})"
-        if not path.is_file():
-            skips.skip(name, "missing", "file listed in the manifest does not exist")
-            items.append(AudioItem(name=name, path=None))  # placeholder keeps side files aligned
-            continue
-        n = int(parts[1]) if len(parts) > 1 and parts[1].strip().isdigit() else 0
-        items.append(AudioItem(name=name, path=str(path), num_samples=n))
-    return items
-
-
-def attach_side_transcripts(items: list[AudioItem], manifest: Path, ext: str) -> list[AudioItem]:
-    """fairseq side file (`train.wrd` / `train.ltr` next to `train.tsv`), one line per manifest line."""
-    side = manifest.with_suffix("." + ext.lstrip("."))
-    if not side.is_file():
-        raise DataError(f"labels=transcript but {side} does not exist (one transcript per manifest line)")
-    lines = side.read_text(encoding="utf-8").splitlines()
-    if len(lines) != len(items):
-        raise DataError(f"{side} has {len(lines)} lines but {manifest} lists {len(items)} files")
-    return [replace(it, transcript=t.strip()) for it, t in zip(items, lines)]
-
-
-def attach_txt_transcripts(items: list[AudioItem]) -> list[AudioItem]:
-    """`.txt` beside each audio file (same stem)."""
-    out = []
-    for it in items:
-        txt = Path(it.path).with_suffix(".txt") if it.path else None
-        text = txt.read_text(encoding="utf-8", errors="strict").strip() if txt and txt.is_file() else None
-        out.append(replace(it, transcript=text))
-    return out
-
-
-def hf_source(row: dict[str, Any], base: Path) -> AudioSource:
-    """An audio cell (`{"bytes", "path"}` with decode off, or a path string) -> bytes or a path."""
-    if isinstance(row, str):
-        return row if os.path.isabs(row) else str(base / row)
-    if row.get("bytes"):
-        return row["bytes"]
-    path = row.get("path")
-    if not path:
-        raise SkipItem("missing", "row has neither audio bytes nor a path")
-    return path if os.path.isabs(path) else str(base / path)
-
-
 # ---------------------------------------------------------------------------------------- dataset
-
-
-class CharVocab:
-    """Character vocabulary for CTC: index 0 is the blank/pad, `|` marks word boundaries."""
-
-    def __init__(self, symbols: Sequence[str]) -> None:
-        self.symbols = ["<blank>", *symbols]
-        self.index = {s: i for i, s in enumerate(self.symbols)}
-
-    @staticmethod
-    def tokens(text: str) -> list[str]:
-        """`.ltr` lines are already space-separated letters; plain text becomes letters + `|`."""
-        parts = text.split()
-        if parts and all(len(p) == 1 for p in parts):
-            return parts
-        return list("|".join(parts))
-
-    @classmethod
-    def build(cls, transcripts: Sequence[str]) -> CharVocab:
-        return cls(sorted({c for t in transcripts for c in cls.tokens(t)}))
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.index[c] for c in self.tokens(text) if c in self.index], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.symbols)
 
 
 class AudioDataset(SafeDataset):

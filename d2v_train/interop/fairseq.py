@@ -192,7 +192,8 @@ def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
                 "(pretrained checkpoints)"
             )
         for patterns, theirs, ours in table:
-            match = patterns[0].match(key)
+            # any member of a fused group may come first (fairseq stores k_proj before q_proj)
+            match = next((m for m in (p.match(key) for p in patterns) if m), None)
             if not match:
                 continue
             numbers = match.groups()

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from d2v_train.config_values import as_settings
 from d2v_train.models.heads import TaskHead
 
 from .augment import MixupConfig, channel_mask, mask_for_mlm, mixup_cutmix, soft_cross_entropy, time_mask
@@ -65,14 +66,6 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "FinetuneConfig":
         return cls(**dict(values))
-
-
-def _as(cls: Any, value: Any) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    return cls(**dict(value))
 
 
 # ------------------------------------------------------------------------------------------ lr groups
@@ -156,8 +149,8 @@ class FineTuning(L.LightningModule):
         super().__init__()
         self.model = model
         self.task = task
-        self.optim = _as(OptimConfig, optim)
-        self.ft = _as(FinetuneConfig, finetune)
+        self.optim = as_settings(OptimConfig, optim)
+        self.ft = as_settings(FinetuneConfig, finetune)
         self.modality: str = model.encoder.modality
         self.seed = int(seed)
         self.vocab = list(vocab) if vocab is not None else None

@@ -28,6 +28,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01
+    # true: every parameter decays (the reference's v1 audio and text fairseq runs); false: no weight
+    # decay on biases, 1-D parameters (norms) and ``no_decay_names`` (BEiT / data2vec-vision, v2)
+    decay_all: bool = False
     # no weight decay on biases, 1-D parameters (norms) and these names (learned tokens)
     no_decay_names: list[str] = field(
         default_factory=lambda: ["cls_token", "mask_token", "mask_embedding", "pos_embed"]
@@ -52,14 +55,16 @@ def _no_decay(name: str, param: torch.Tensor, names: Iterable[str]) -> bool:
 
 
 def param_groups(modules: dict[str, nn.Module], cfg: OptimConfig) -> list[dict]:
-    """Two AdamW groups over the trainable parameters of ``modules`` (prefix -> module): with
-    weight decay, and without it for biases, 1-D parameters and ``cfg.no_decay_names``."""
+    """AdamW groups over the trainable parameters of ``modules`` (prefix -> module): with weight
+    decay, and without it for biases, 1-D parameters and ``cfg.no_decay_names`` (unless
+    ``cfg.decay_all``, when one group decays everything)."""
     decay, no_decay = [], []
     for prefix, module in modules.items():
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if _no_decay(f"{prefix}.{name}", p, cfg.no_decay_names) else decay).append(p)
+            exempt = not cfg.decay_all and _no_decay(f"{prefix}.{name}", p, cfg.no_decay_names)
+            (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

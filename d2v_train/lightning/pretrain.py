@@ -10,8 +10,8 @@ Step:
    rank), so a resumed run draws the same masks.
 2. student: masked input -> final hidden states -> head, at masked positions.
 3. teacher (eval mode, no grad, on the *unmasked* input: the full clean sentence for text, the
-   student's unmasked CNN features for audio, the clean image for vision) -> top-K block tensors ->
-   ``build_targets`` (fp32).
+   student's unmasked CNN features before feat_proj_dropout for audio, the clean image for vision) ->
+   top-K block tensors -> ``build_targets`` (fp32).
 4. loss over the masked positions of all ranks; EMA step once per optimizer update, right after the
    optimizer step (``optimizer_step``, which Lightning calls once per update under gradient
    accumulation). Doing it there rather than in ``on_train_batch_end`` means every checkpoint, also
@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from d2v_train.config_values import as_settings
 from d2v_train.objective.config import ObjectiveConfig
 from d2v_train.objective.decoder import RegressionHead
 from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
@@ -50,16 +51,6 @@ __all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
 _log = logging.getLogger("d2v_train.pretrain")
 
 TEXT_SPECIAL_KEYS = ("pad", "bos", "eos", "mask", "unk")
-
-
-def _as(cls: Any, value: Any) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(dict(value))
-    return cls(**dict(value))
 
 
 class Data2VecPretraining(L.LightningModule):
@@ -87,9 +78,9 @@ class Data2VecPretraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.objective = _as(ObjectiveConfig, objective)
-        self.masking = _as(MaskingConfig, masking)
-        self.optim = _as(OptimConfig, optim)
+        self.objective = as_settings(ObjectiveConfig, objective)
+        self.masking = as_settings(MaskingConfig, masking)
+        self.optim = as_settings(OptimConfig, optim)
         self.modality: str = getattr(encoder, "modality")
         self.seed = int(seed)
         enc_cfg = getattr(encoder, "config", None)
@@ -203,7 +194,8 @@ class Data2VecPretraining(L.LightningModule):
             with torch.no_grad():
                 teacher_out = self.teacher.model(inputs, padding_mask=pad, layer_targets=obj.layer_targets)
         else:
-            tokens, token_pad = self.student.embed(inputs, padding_mask)
+            # audio: the teacher reads the student's projected features before feat_proj_dropout
+            tokens, clean_tokens, token_pad = self.student.embed_with_clean(inputs, padding_mask)
             shape = (tokens.shape[0], tokens.shape[1])
             mask = compute_mask(
                 self.masking, shape, grid=self._grid(shape[1]), padding_mask=token_pad,
@@ -214,7 +206,7 @@ class Data2VecPretraining(L.LightningModule):
             with torch.no_grad():
                 if obj.teacher_input == "embed":  # audio: the teacher reuses the student's CNN features
                     teacher_out = self.teacher.model.contextualize(
-                        tokens.detach(), token_pad, layer_targets=obj.layer_targets
+                        clean_tokens.detach(), token_pad, layer_targets=obj.layer_targets
                     )
                 else:
                     teacher_out = self.teacher.model(inputs, padding_mask=padding_mask, layer_targets=obj.layer_targets)

@@ -112,8 +112,11 @@ class FeatureProjection(nn.Module):
         self.proj = nn.Linear(config.conv_dim[-1], config.hidden_size)
         self.dropout = nn.Dropout(config.feat_proj_dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(self.norm(x)))
+    def forward(self, x: Tensor, dropout: bool = True) -> Tensor:
+        """LayerNorm -> Linear, then ``feat_proj_dropout`` unless ``dropout=False`` (what the
+        data2vec teacher reads: the projected features *before* the input dropout)."""
+        x = self.proj(self.norm(x))
+        return self.dropout(x) if dropout else x
 
 
 class PosConvLayer(nn.Module):
@@ -244,6 +247,15 @@ class AudioEncoder(EncoderBase):
 
     def embed(self, inputs: Tensor, padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """CNN + feature projection. Returns frames ``(batch, frames, dim)`` and their padding mask."""
+        tokens, _, frame_padding = self.embed_with_clean(inputs, padding_mask)
+        return tokens, frame_padding
+
+    def embed_with_clean(
+        self, inputs: Tensor, padding_mask: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Like ``embed``, also returning the projected features before ``feat_proj_dropout``: the
+        reference teacher reads those (fairseq ``pre_encoder_features``, cloned before
+        ``dropout_input``), the student the dropped-out ones."""
         if inputs.ndim != 2:
             raise ValueError(f"audio encoder expects a waveform of shape (batch, samples), got {tuple(inputs.shape)}")
         if inputs.shape[1] < self.config.receptive_field:
@@ -255,7 +267,8 @@ class AudioEncoder(EncoderBase):
         frame_padding = None
         if padding_mask is not None:
             frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
-        return self.feature_projection(features), frame_padding
+        clean = self.feature_projection(features, dropout=False)
+        return self.feature_projection.dropout(clean), clean, frame_padding
 
     def contextualize(
         self,

@@ -37,6 +37,15 @@ class EncoderBase(nn.Module):
     def embed(self, inputs: Tensor, padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         raise NotImplementedError
 
+    def embed_with_clean(
+        self, inputs: Tensor, padding_mask: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(tokens, clean_tokens, padding)``: ``clean_tokens`` are the tokens before any input
+        noise ``embed`` adds (what a teacher sharing the embedding reads). Default: ``embed`` adds
+        none, so both are the same tensor."""
+        tokens, padding = self.embed(inputs, padding_mask)
+        return tokens, tokens, padding
+
     def contextualize(
         self,
         tokens: Tensor,

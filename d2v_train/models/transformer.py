@@ -11,6 +11,7 @@ dropout, residual and norm (v1 audio and text, all of 2.0); ``"block"`` is the b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -339,10 +340,17 @@ class TransformerStack(nn.Module):
         return x, (tuple(hidden) if hidden is not None else None), targets
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT-style init used by data2vec: normal(0, std) linears and embeddings, unit norms."""
+def init_weights(module: nn.Module, std: float = 0.02, truncated: bool = False) -> None:
+    """BERT-style init used by data2vec: normal(0, std) linears and embeddings, unit norms.
+
+    ``truncated``: linear weights from a normal truncated at +-2 (absolute, as timm's
+    ``trunc_normal_``), the BEiT / data2vec-vision init; BERT (audio, text) uses the plain normal.
+    """
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=std)
+        if truncated:
+            nn.init.trunc_normal_(module.weight, std=std)
+        else:
+            nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
@@ -353,3 +361,14 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def rescale_residual_branches(stack: "TransformerStack") -> None:
+    """BEiT's ``fix_init_weight``: divide the weights that write into the residual stream (attention
+    output projection, second FFN linear) of block ``i`` (1-based) by sqrt(2 i), so deeper blocks
+    start with smaller updates to the stream."""
+    for layer_id, block in enumerate(stack.blocks, start=1):
+        scale = math.sqrt(2.0 * layer_id)
+        block.attn.proj.weight.div_(scale)
+        block.mlp.fc2.weight.div_(scale)

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig
 from .base import EncoderBase
-from .transformer import EncoderOutput, LayerTarget, RelativePositionBias, attention_mask, init_weights
+from .transformer import (
+    EncoderOutput,
+    LayerTarget,
+    RelativePositionBias,
+    attention_mask,
+    init_weights,
+    rescale_residual_branches,
+)
 
 
 def _pair(value: Union[int, list, tuple]) -> tuple[int, int]:
@@ -113,7 +120,10 @@ class VisionEncoder(EncoderBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.apply(lambda m: init_weights(m, self.config.initializer_range))
+        """data2vec-vision / BEiT init: truncated normal (std ``initializer_range``) linears, then
+        the per-block rescale of the residual-branch outputs by 1/sqrt(2 * block)."""
+        self.apply(lambda m: init_weights(m, self.config.initializer_range, truncated=True))
+        rescale_residual_branches(self.transformer)
         for param in (self.cls_token, self.mask_token, self.pos_embed):
             if param is not None:
                 nn.init.trunc_normal_(param, std=self.config.initializer_range)

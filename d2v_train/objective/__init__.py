@@ -1,6 +1,6 @@
 """The data2vec objective, independent of Lightning: masks, EMA teacher, targets, head and loss."""
 
-from .decoder import RegressionHead, build_head
+from .decoder import RegressionHead
 from .ema import EMASchedule, EMATeacher, ema_decay_at, resolve_schedule
 from .loss import all_reduce_sum, global_std, masked_regression_loss, regression_loss, world_size
 from .masking import (
@@ -28,7 +28,6 @@ __all__ = [
     "batch_norm",
     "block_mask_1d",
     "block_mask_2d",
-    "build_head",
     "build_targets",
     "compute_mask",
     "ema_decay_at",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["RegressionHead", "build_head"]
+__all__ = ["RegressionHead"]
 
 
 class RegressionHead(nn.Module):
@@ -32,6 +32,3 @@ class RegressionHead(nn.Module):
         """``(..., dim)`` -> ``(..., out_dim)``."""
         return self.proj(x)
 
-
-def build_head(dim: int, kind: str = "linear", hidden_mult: int = 2) -> RegressionHead:
-    return RegressionHead(dim, kind, hidden_mult)
