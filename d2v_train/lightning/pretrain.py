@@ -37,10 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from d2v_train.objective.config import ObjectiveConfig
-from d2v_train.objective.decoder import RegressionHead
+from d2v_train.objective.decoder import ConvDecoder, RegressionHead
 from d2v_train.objective.ema import EMATeacher, ema_decay_at
 from d2v_train.objective.loss import all_reduce_sum, global_std, masked_regression_loss
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
+from d2v_train.objective.multimask import d2v2_objective
 from d2v_train.objective.targets import build_targets
 
 from .optim import OptimConfig, build_optimizer
@@ -105,8 +106,9 @@ class Data2VecPretraining(L.LightningModule):
                 "seed": self.seed,
             }
         )
+        v2 = self.objective.version == 2
         if self.modality == "text":
-            if self.masking.kind != "token":
+            if self.masking.kind != "token" and not v2:
                 raise ValueError(f"text pretraining masks token ids: masking.kind must be 'token', got {self.masking.kind!r}")
             if not special_token_ids or "mask" not in special_token_ids:
                 raise ValueError("text pretraining needs special_token_ids with at least 'mask' (and pad/bos/eos)")
@@ -119,12 +121,15 @@ class Data2VecPretraining(L.LightningModule):
             self.pad_id = special_token_ids.get("pad")
         elif self.masking.kind == "token":
             raise ValueError(f"masking.kind='token' is for text, not {self.modality}")
-        if self.objective.teacher_input == "embed" and self.modality == "text":
+        if self.objective.teacher_input == "embed" and self.modality == "text" and not v2:
             raise ValueError("objective.teacher_input='embed' is not used for text: the teacher reads the full clean sentence")
 
         self.student = encoder
         dim = int(encoder.config.hidden_size)
-        self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
+        if v2:  # data2vec 2.0: the conv decoder takes the head's place (and its optimizer group)
+            self.head = ConvDecoder(dim, dim, self.objective.decoder, spatial=self.modality == "vision")
+        else:
+            self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
         ema = self.objective.ema
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
@@ -160,6 +165,11 @@ class Data2VecPretraining(L.LightningModule):
         obj = self.objective
         if generator is None:
             generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        if obj.version == 2:
+            pad = padding_mask
+            if self.modality == "text" and pad is None and self.pad_id is not None:
+                pad = inputs == int(self.pad_id)
+            return d2v2_objective(self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator)
         if self.modality == "text":
             pad = padding_mask
             if pad is None and self.pad_id is not None:
