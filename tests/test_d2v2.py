@@ -286,3 +286,29 @@ def test_preset_composes_and_a_short_run_lowers_the_loss(modality: str, tmp_path
     rec = run(model, fixed_batch(modality), steps=25)
     first, last = sum(rec.losses[:3]) / 3, sum(rec.losses[-5:]) / 5
     assert last < 0.8 * first, (modality, rec.losses)
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("d2v2_audio_base_librispeech", dict(clones=8, top_k=8, dim=384, lr=7.5e-4, anneal=75000, kind="block_1d", gpus=8)),
+        ("d2v2_vision_base_imagenet", dict(clones=16, top_k=10, dim=768, lr=1e-3, anneal=100000, kind="inverse_block", gpus=16)),
+        ("d2v2_text_base", dict(clones=8, top_k=12, dim=768, lr=2e-4, anneal=100000, kind="random", gpus=16)),
+    ],
+)
+def test_base_recipes_carry_the_published_values(option: str, expected: dict[str, Any], tmp_path: Path) -> None:
+    cfg = compose_cfg([f"experiment={option}", "data.path=/nonexistent"], tmp_path)
+    validate_config(cfg)
+    obj = cfg.objective
+    assert (obj.version, obj.clones, obj.top_k, obj.decoder.dim) == (2, expected["clones"], expected["top_k"], expected["dim"])
+    assert cfg.optim.lr == pytest.approx(expected["lr"]) and obj.ema.anneal_steps == expected["anneal"]
+    assert cfg.masking.kind == expected["kind"] and cfg.trainer.num_nodes * cfg.trainer.devices == expected["gpus"]
+    enc = OmegaConf.to_container(cfg.encoder, resolve=True)
+    assert obj.top_k <= enc["num_hidden_layers"] == 12 and enc["hidden_size"] == 768
+    if cfg.modality == "audio":
+        assert enc["use_alibi"] and cfg.data.max_tokens == 1_000_000
+    if cfg.modality == "vision":
+        assert enc["use_sincos_position_embeddings"] and not enc["norm_first"] and obj.cls_loss == 0.01
+        assert cfg.data.batch_size * 16 == 256 and cfg.optim.betas == [0.9, 0.95]
+    if cfg.modality == "text":
+        assert not obj.decoder.residual and obj.decoder.projection_layers == 2 and obj.loss_scale == 1.0
