@@ -312,3 +312,71 @@ def test_base_recipes_carry_the_published_values(option: str, expected: dict[str
         assert cfg.data.batch_size * 16 == 256 and cfg.optim.betas == [0.9, 0.95]
     if cfg.modality == "text":
         assert not obj.decoder.residual and obj.decoder.projection_layers == 2 and obj.loss_scale == 1.0
+
+
+# ------------------------------------------------------------------------------- afterwards: a normal encoder
+
+
+def test_vision_2_0_run_finetunes_and_exports(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from d2v_train.cli import ConfigError, config_dir
+    from d2v_train.interop.sources import load_source
+    from d2v_train.pretrain import train as pretrain
+
+    from test_export import export
+    from test_finetune import check_loaded
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        pcfg = compose("pretrain", overrides=[
+            f"run_dir={tmp_path / 'pre'}", "modality=vision", "objective=d2v2_vision", "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "encoder.num_hidden_layers=2",
+            "objective.top_k=2", "objective.clones=2", "data.batch_size=8"])
+    GlobalHydra.instance().clear()
+    pretrain(pcfg)
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    student = load_source(ckpt).encoder
+    assert student.config.use_sincos_position_embeddings and not student.config.norm_first
+    module = check_loaded(tmp_path / "ft", str(ckpt), student)  # d2v-finetune pretrained=<2.0 checkpoint>
+    assert not module.model.encoder.config.norm_first
+    with pytest.raises(ConfigError, match="post-norm.*format=safetensors"):
+        export(ckpt, tmp_path / "hf")
+    export(ckpt, tmp_path / "st", format="safetensors")
+    again = load_source(tmp_path / "st").encoder
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels).last_hidden_state, student.eval()(pixels).last_hidden_state)
+
+
+def test_alibi_audio_exports_to_safetensors_and_says_why_not_transformers(tmp_path: Path) -> None:
+    from d2v_train.interop import save_encoder
+    from d2v_train.interop.sources import load_source
+    from d2v_train.interop.transformers import encoder_to_transformers
+
+    enc = v2_encoder("audio").eval()
+    with pytest.raises(ValueError, match="ALiBi") as err:
+        encoder_to_transformers(enc)
+    assert "\n" not in str(err.value)
+    with torch.no_grad():
+        enc.alibi_scale.mul_(0.5)  # a trained scale travels
+    save_encoder(enc, tmp_path / "st")
+    again = load_source(tmp_path / "st").encoder
+    wav = fixed_batch("audio")["inputs"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav).last_hidden_state, enc(wav).last_hidden_state)
+
+
+def test_sincos_pre_norm_vision_exports_to_transformers_with_same_outputs(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from d2v_train.interop import save_transformers
+
+    enc = build_encoder("vision", {**COMMON, "image_size": 16, "patch_size": 4, "use_sincos_position_embeddings": True,
+                                   "use_mean_pooling": False, "drop_path_rate": 0.0}).eval()
+    save_transformers(enc, tmp_path / "hf")
+    model, info = transformers.Data2VecVisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixels).last_hidden_state, enc(pixels).last_hidden_state, rtol=1e-4, atol=1e-5)
