@@ -123,6 +123,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         special_token_ids=special,
         vocab_size=vocab_size,
         seed=int(cfg.seed),
+        compile=bool(cfg.get("compile", False)),
     )
 
     loggers = _instantiate_loggers(cfg)

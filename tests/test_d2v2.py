@@ -380,3 +380,19 @@ def test_sincos_pre_norm_vision_exports_to_transformers_with_same_outputs(tmp_pa
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(pixels).last_hidden_state, enc(pixels).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_switch_compiles_in_place_and_keeps_parameter_names(tmp_path: Path) -> None:
+    # compiling itself is lazy (first call); a real compiled step is too slow for CPU CI: this checks
+    # the wiring (config -> module) and that names, hence EMA, checkpoints and export, do not change
+    cfg = compose_cfg(["modality=vision", "objective=d2v2_vision", "compile=true"], tmp_path)
+    assert cfg.compile is True
+    torch.manual_seed(0)
+    plain = v2_module("vision")
+    names = list(plain.state_dict())
+    objective, masking = plain.objective, plain.masking
+    compiled = Data2VecPretraining(v2_encoder("vision"), objective=objective, masking=masking, compile=True)
+    for part in (compiled.student.transformer, compiled.teacher.model.transformer, compiled.head):
+        assert part._compiled_call_impl is not None
+    assert plain.student.transformer._compiled_call_impl is None
+    assert list(compiled.state_dict()) == names

@@ -75,6 +75,7 @@ class Data2VecPretraining(L.LightningModule):
             they are never masked and ``mask`` is the replacement id.
         vocab_size: text only (defaults to the encoder's): random replacements draw from it.
         seed: mixes into every mask generator.
+        compile: ``torch.compile`` the transformer stacks (student and teacher) and the head / decoder.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class Data2VecPretraining(L.LightningModule):
         special_token_ids: Optional[Mapping[str, int]] = None,
         vocab_size: Optional[int] = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.objective = _as(ObjectiveConfig, objective)
@@ -138,6 +140,9 @@ class Data2VecPretraining(L.LightningModule):
         self.bad_streak = 0  # consecutive ones (reset by a finite loss)
         self._skip_update = False  # this update's window saw a non-finite loss
         self.last_stats: dict[str, Tensor] = {}
+        if compile:  # in place, so parameter names (EMA, checkpoints, export) stay as they are
+            for part in (self.student.transformer, self.teacher.model.transformer, self.head):
+                part.compile()
 
     # ------------------------------------------------------------------ helpers
     def ema_decay(self, step: Optional[int] = None) -> float:
