@@ -369,6 +369,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 line += f"; ours v1 / naive v1 = {v1['samples_s'] / naive['samples_s']:.2f}x"
                 line += f"; peak MB 2.0 M=1 / naive = {base['ours 2.0 M=1']['peak_mb'] / max(naive['peak_mb'], 1e-9):.2f}"
             print(line, flush=True)
+            del variants  # free this pair of models before the next one is built
     return rows
 
 
