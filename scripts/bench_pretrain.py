@@ -365,7 +365,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             base = {r["variant"]: r for r in rows if r["modality"] == modality and r["size"] == size}
             v1 = base["ours v1"]
             m_name = [n for n in base if n.startswith("ours 2.0") and not n.endswith("M=1")][0]
-            line = f"  -> {modality} {size}: 2.0 ({m_name[5:]}) / v1 pairs/s = {base[m_name]['pairs_s'] / v1['pairs_s']:.2f}x"
+            line = (f"  -> {modality} {size} (matmul peak so far {peak / 1e9:.1f} GFLOP/s): "
+                    f"2.0 ({m_name[5:]}) / v1 pairs/s = {base[m_name]['pairs_s'] / v1['pairs_s']:.2f}x")
             naive = base.get("naive v1 (transformers)")
             if naive is not None:
                 line += f"; ours v1 / naive v1 = {v1['samples_s'] / naive['samples_s']:.2f}x"

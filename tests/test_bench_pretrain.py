@@ -30,4 +30,4 @@ def test_bench_pretrain_runs_every_variant_at_tiny_size(capsys: pytest.CaptureFi
         assert m3["pairs_s"] == pytest.approx(3 * m3["samples_s"]) and m1["pairs_s"] == pytest.approx(m1["samples_s"])
         assert m1["tokens_s"] * m1["step_s"] < mine["ours v1"]["tokens_s"] * mine["ours v1"]["step_s"]  # kept only
     out = capsys.readouterr().out
-    assert "matmul peak" in out and out.count("2.0 (2.0 M=3) / v1 pairs/s") == 3
+    assert "matmul peak" in out and out.count("2.0 (2.0 M=3) / v1 pairs/s") == 3 and "matmul peak so far" in out
