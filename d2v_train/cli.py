@@ -72,6 +72,8 @@ def fail(message: str, prog: str = "d2v", code: int = 2, kind: str = "error") ->
 def _type_ok(value: Any, default: Any) -> bool:
     if value is None or default is None:
         return True
+    if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+        return True  # an interpolation: checked again once resolved (e.g. by the dataclass that reads it)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):

@@ -105,7 +105,10 @@ def run(cfg: Any) -> list[Path]:
         raise ConfigError(f"weights=teacher needs a d2v-pretrain checkpoint; {cfg.checkpoint} is a {source.kind} source")
     output_dir = Path(cfg.output_dir)
     with torch.no_grad():
-        files = export(source, output_dir, cfg.format)
+        try:
+            files = export(source, output_dir, cfg.format)
+        except ValueError as err:  # e.g. an architecture transformers has no equivalent for
+            raise ConfigError(str(err)) from None
     print(summary(source, files, cfg.format), flush=True)
     repo = cfg.get("push_to_hub")
     if repo:

@@ -59,6 +59,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
     kind = cfg.masking.get("kind")
     valid = ("token",) if modality == "text" else tuple(k for k in MASK_KINDS if k != "token")
+    if cfg.objective.get("version", 1) == 2:  # data2vec 2.0 gathers kept tokens: exact counts per row
+        from d2v_train.objective.multimask import EXACT_MASK_KINDS
+
+        valid = ("inverse_block", "random") if modality == "vision" else tuple(k for k in EXACT_MASK_KINDS if k != "inverse_block")
     if kind not in valid:
         raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality}: {', '.join(valid)}")
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
@@ -154,6 +158,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
         special_token_ids=special,
         vocab_size=vocab_size,
         seed=int(cfg.seed),
+        compile=bool(cfg.get("compile", False)),
     )
 
     loggers = _instantiate_loggers(cfg)

@@ -20,7 +20,15 @@ from ..models import ENCODERS
 from ..models.heads import HEADS, TaskHead
 from . import keymaps
 from .files import save_json, save_safetensors
-from .transformers import BASE_CLASS, PREFIX, config_from_transformers, config_to_transformers, read_transformers_dir
+from .transformers import (
+    BASE_CLASS,
+    PREFIX,
+    config_from_transformers,
+    config_to_transformers,
+    no_transformers_equivalent,
+    read_transformers_dir,
+    sincos_as_absolute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +252,19 @@ def task_to_transformers(model: TaskHead) -> tuple[dict[str, Any], dict[str, Ten
         raise TypeError(f"expected a d2v_train head model, got {type(model).__name__}")
     encoder = model.encoder
     modality = encoder.modality
+    reason = no_transformers_equivalent(encoder)
+    if reason is not None:
+        raise ValueError(reason)
     encoder_state, head_state = _split(model.state_dict())
     prefix = PREFIX[modality]
     state = {prefix + k: v for k, v in keymaps.to_transformers(modality, encoder_state).items()}
+    sincos = sincos_as_absolute(encoder)
+    if sincos is not None:
+        state[prefix + "embeddings.position_embeddings"] = sincos
     state.update(head_to_transformers(model.architecture, head_state))
     config = config_to_transformers(encoder.config, modality, model.architecture)
+    if sincos is not None:
+        config["use_absolute_position_embeddings"] = True
     config.update(model.transformers_fields())
     return config, state
 

@@ -27,7 +27,7 @@ PREFIX = {"audio": "data2vec_audio.", "text": "data2vec_text.", "vision": "data2
 BASE_CLASS = {"audio": "Data2VecAudioModel", "text": "Data2VecTextModel", "vision": "Data2VecVisionModel"}
 
 # Our config fields that transformers' configs do not have (they are implied by the weights).
-_OUR_ONLY_FIELDS = {"extra", "add_pooling_layer", "do_normalize"}
+_OUR_ONLY_FIELDS = {"extra", "add_pooling_layer", "do_normalize", "use_alibi", "use_sincos_position_embeddings", "norm_first"}
 # Buffers older checkpoints saved and transformers ignores.
 _IGNORED_KEYS = ("relative_position_index", "embeddings.position_ids", "embeddings.token_type_ids")
 # Bookkeeping keys of a config.json that describe the file, not the network.
@@ -124,6 +124,35 @@ def load_transformers(path: Union[str, Path], *, ignore_head: bool = False) -> E
     return encoder.eval()  # like transformers' from_pretrained: ready for inference
 
 
+def no_transformers_equivalent(encoder: nn.Module) -> str | None:
+    """Why ``encoder`` cannot be written as a transformers Data2Vec model (None when it can).
+
+    data2vec 2.0 audio's ALiBi biases and 2.0 images' post-norm blocks have no counterpart in
+    transformers' Data2Vec models; fixed sin-cos positions do (as absolute position embeddings).
+    """
+    config = getattr(encoder, "config", None)
+    if getattr(config, "use_alibi", False):
+        return ("this audio encoder uses ALiBi attention biases (data2vec 2.0), which transformers' "
+                "Data2VecAudioModel has no equivalent for: export it with format=safetensors")
+    if getattr(encoder, "modality", None) == "vision" and not getattr(config, "norm_first", True):
+        return ("this vision encoder has post-norm blocks (data2vec 2.0), which transformers' "
+                "Data2VecVisionModel has no equivalent for: export it with format=safetensors")
+    return None
+
+
+def sincos_as_absolute(encoder: nn.Module) -> Tensor | None:
+    """A vision encoder's fixed sin-cos positions as transformers' absolute position embeddings
+    ``(1, 1 + patches, dim)`` (zero at the CLS slot); None for other encoders. Call
+    ``no_transformers_equivalent`` first."""
+    config = getattr(encoder, "config", None)
+    if getattr(encoder, "modality", None) != "vision" or not getattr(config, "use_sincos_position_embeddings", False):
+        return None
+    from ..models.positions import sincos_2d
+
+    pos = sincos_2d(config.hidden_size, config.grid_size)
+    return torch.cat([torch.zeros(1, 1, pos.shape[-1]), pos], dim=1)
+
+
 def encoder_to_transformers(
     encoder: nn.Module, architecture: str | None = None, include_pooler: bool = True
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -137,7 +166,13 @@ def encoder_to_transformers(
     modality = getattr(encoder, "modality", None)
     if modality not in ENCODERS or not isinstance(encoder, ENCODERS[modality][0]):
         raise TypeError(f"expected a d2v_train encoder (audio, text or vision), got {type(encoder).__name__}")
+    reason = no_transformers_equivalent(encoder)
+    if reason is not None:
+        raise ValueError(reason)
     state = keymaps.to_transformers(modality, encoder.state_dict())
+    sincos = sincos_as_absolute(encoder)
+    if sincos is not None:
+        state["embeddings.position_embeddings"] = sincos
     if modality == "text" and not include_pooler:
         state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     if modality == "vision" and architecture in (None, BASE_CLASS["vision"]) and encoder.pool_norm is not None:
@@ -147,6 +182,8 @@ def encoder_to_transformers(
         state.pop("pooler.layernorm.bias")
         log.warning("Data2VecVisionModel has no pooler: the mean-pooling layer norm is not exported")
     config = config_to_transformers(encoder.config, modality, architecture or BASE_CLASS[modality])
+    if sincos is not None:
+        config["use_absolute_position_embeddings"] = True
     return config, state
 
 

@@ -38,10 +38,11 @@ from torch import Tensor, nn
 
 from d2v_train.config_values import as_settings
 from d2v_train.objective.config import ObjectiveConfig
-from d2v_train.objective.decoder import RegressionHead
+from d2v_train.objective.decoder import ConvDecoder, RegressionHead
 from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
 from d2v_train.objective.loss import all_reduce_sum, global_std, masked_regression_loss
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
+from d2v_train.objective.multimask import d2v2_objective
 from d2v_train.objective.targets import build_targets
 
 from .optim import OptimConfig, build_optimizer
@@ -65,6 +66,7 @@ class Data2VecPretraining(L.LightningModule):
             they are never masked and ``mask`` is the replacement id.
         vocab_size: text only (defaults to the encoder's): random replacements draw from it.
         seed: mixes into every mask generator.
+        compile: ``torch.compile`` the transformer stacks (student and teacher) and the head / decoder.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Data2VecPretraining(L.LightningModule):
         special_token_ids: Optional[Mapping[str, int]] = None,
         vocab_size: Optional[int] = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.objective = as_settings(ObjectiveConfig, objective)
@@ -96,8 +99,9 @@ class Data2VecPretraining(L.LightningModule):
                 "seed": self.seed,
             }
         )
+        v2 = self.objective.version == 2
         if self.modality == "text":
-            if self.masking.kind != "token":
+            if self.masking.kind != "token" and not v2:
                 raise ValueError(f"text pretraining masks token ids: masking.kind must be 'token', got {self.masking.kind!r}")
             if not special_token_ids or "mask" not in special_token_ids:
                 raise ValueError("text pretraining needs special_token_ids with at least 'mask' (and pad/bos/eos)")
@@ -110,12 +114,15 @@ class Data2VecPretraining(L.LightningModule):
             self.pad_id = special_token_ids.get("pad")
         elif self.masking.kind == "token":
             raise ValueError(f"masking.kind='token' is for text, not {self.modality}")
-        if self.objective.teacher_input == "embed" and self.modality == "text":
+        if self.objective.teacher_input == "embed" and self.modality == "text" and not v2:
             raise ValueError("objective.teacher_input='embed' is not used for text: the teacher reads the full clean sentence")
 
         self.student = encoder
         dim = int(encoder.config.hidden_size)
-        self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
+        if v2:  # data2vec 2.0: the conv decoder takes the head's place (and its optimizer group)
+            self.head = ConvDecoder(dim, dim, self.objective.decoder, spatial=self.modality == "vision")
+        else:
+            self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
         ema = self.objective.ema
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
@@ -126,6 +133,9 @@ class Data2VecPretraining(L.LightningModule):
         self.bad_streak = 0  # consecutive ones (reset by a finite loss)
         self._skip_update = False  # this update's window saw a non-finite loss
         self.last_stats: dict[str, Tensor] = {}
+        if compile:  # in place, so parameter names (EMA, checkpoints, export) stay as they are
+            for part in (self.student.transformer, self.teacher.model.transformer, self.head):
+                part.compile()
 
     # ------------------------------------------------------------------ helpers
     def total_updates(self) -> Optional[int]:
@@ -169,6 +179,11 @@ class Data2VecPretraining(L.LightningModule):
         obj = self.objective
         if generator is None:
             generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        if obj.version == 2:
+            pad = padding_mask
+            if self.modality == "text" and pad is None and self.pad_id is not None:
+                pad = inputs == int(self.pad_id)
+            return d2v2_objective(self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator)
         if self.modality == "text":
             pad = padding_mask
             if pad is None and self.pad_id is not None:

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from .config import EncoderConfig
 from .base import EncoderBase
 from .transformer import EncoderOutput, LayerTarget, activation, attention_mask, init_weights
+from .positions import alibi_bias, alibi_slopes
+from .visible import gather_padding, gather_tokens, keep_index
 
 
 @dataclass
@@ -45,6 +47,9 @@ class AudioEncoderConfig(EncoderConfig):
     adapter_stride: int = 2
     num_adapter_layers: int = 3
     output_hidden_size: Optional[int] = None
+    # data2vec 2.0 audio: ALiBi attention biases with a learned per-head scale, on top of the conv
+    # positions (no transformers equivalent: such an encoder exports to safetensors only)
+    use_alibi: bool = False
     # Input waveforms are normalised per utterance (zero mean, unit variance) by the data
     # pipeline; recorded here so fine-tuning and export use the same convention.
     do_normalize: bool = True
@@ -202,6 +207,11 @@ class AudioEncoder(EncoderBase):
         else:
             self.mask_embedding = None
         self.pos_conv = ConvPositionalEmbedding(config)
+        if config.use_alibi:
+            self.alibi_scale = nn.Parameter(torch.ones(config.num_attention_heads))
+            self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
+        else:
+            self.alibi_scale = None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.transformer = self.transformer_stack(
@@ -277,20 +287,38 @@ class AudioEncoder(EncoderBase):
         mask: Optional[Tensor] = None,
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
+        drop_masked: bool = False,
     ) -> EncoderOutput:
         """Masked frames take the learned mask embedding; padded frames are zeroed before the
         positional convolutions, as transformers does. With one conv that keeps padding out of the
         real frames; stacked convs see non-zero padded frames after the first (kept for parity), so
-        the reference batches crop to the shortest clip rather than pad."""
+        the reference batches crop to the shortest clip rather than pad.
+
+        ``drop_masked`` (data2vec 2.0): masked frames are zeroed, the positional convs run over the
+        whole zero-filled sequence, then only the kept frames (plus their conv positions) go through
+        the transformer; ALiBi biases use the kept frames' original positions."""
         x = tokens
-        if mask is not None:
+        kept = None
+        if drop_masked:
+            if mask is None:
+                raise ValueError("drop_masked=True needs a mask")
+            x = x.masked_fill(mask[..., None], 0.0)
+        elif mask is not None:
             if self.mask_embedding is None:
                 raise ValueError("this audio encoder has no mask embedding (mask_time_prob and mask_feature_prob are 0)")
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
-        x = self.dropout(self.norm(x + self.pos_conv(x)))
-        attn = attention_mask(padding_mask)
+        x = x + self.pos_conv(x)
+        if drop_masked:
+            kept = keep_index(mask)
+            x, padding_mask = gather_tokens(x, kept), gather_padding(padding_mask, kept)
+        x = self.dropout(self.norm(x))
+        bias = None
+        if self.alibi_scale is not None:
+            positions = kept if kept is not None else torch.arange(x.shape[1], device=x.device)
+            bias = alibi_bias(positions, self.alibi_slopes, self.alibi_scale)
+        attn = attention_mask(padding_mask, bias=bias, dtype=x.dtype)
         x, hidden, targets = self.transformer(
             x, attn, layer_targets=layer_targets, output_hidden_states=output_hidden_states
         )
@@ -299,4 +327,4 @@ class AudioEncoder(EncoderBase):
             if padding_mask is not None:
                 lengths = self.adapter_lengths((~padding_mask).sum(-1))
                 padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        return EncoderOutput(x, hidden, targets, padding_mask)
+        return EncoderOutput(x, hidden, targets, padding_mask, kept_index=kept)

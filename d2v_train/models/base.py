@@ -12,7 +12,12 @@ from .transformer import EncoderOutput, LayerTarget, TransformerStack
 
 class EncoderBase(nn.Module):
     """An encoder is ``embed`` (modality-specific tokens) then ``contextualize`` (masking and the
-    shared transformer). The split lets the audio teacher reuse the student's CNN features."""
+    shared transformer). The split lets the audio teacher reuse the student's CNN features.
+
+    ``mask`` has two meanings, chosen by ``drop_masked``: False (data2vec v1) replaces masked tokens
+    by a learned mask embedding; True (data2vec 2.0) removes them, so the transformer runs on the
+    kept tokens only (gathered in order, positions added before; every row must keep the same
+    number) and the output carries ``kept_index``."""
 
     modality: str = ""
     num_prefix_tokens: int = 0
@@ -53,6 +58,7 @@ class EncoderBase(nn.Module):
         mask: Optional[Tensor] = None,
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
+        drop_masked: bool = False,
     ) -> EncoderOutput:
         raise NotImplementedError
 
@@ -63,7 +69,10 @@ class EncoderBase(nn.Module):
         mask: Optional[Tensor] = None,
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
+        drop_masked: bool = False,
         **embed_kwargs: Any,
     ) -> EncoderOutput:
         tokens, token_padding = self.embed(inputs, padding_mask, **embed_kwargs)
-        return self.contextualize(tokens, token_padding, mask, layer_targets, output_hidden_states)
+        return self.contextualize(
+            tokens, token_padding, mask, layer_targets, output_hidden_states, drop_masked=drop_masked
+        )

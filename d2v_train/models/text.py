@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .config import EncoderConfig
 from .base import EncoderBase
 from .transformer import EncoderOutput, LayerTarget, attention_mask, init_weights
+from .visible import gather_padding, gather_tokens, keep_index
 
 
 @dataclass
@@ -134,12 +135,21 @@ class TextEncoder(EncoderBase):
         mask: Optional[Tensor] = None,
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
+        drop_masked: bool = False,
     ) -> EncoderOutput:
-        if mask is not None:
+        """``drop_masked`` (data2vec 2.0): only the unmasked embedded tokens (learned positions
+        already inside) go through the transformer."""
+        kept = None
+        if drop_masked:
+            if mask is None:
+                raise ValueError("drop_masked=True needs a mask")
+            kept = keep_index(mask)
+            tokens, padding_mask = gather_tokens(tokens, kept), gather_padding(padding_mask, kept)
+        elif mask is not None:
             raise ValueError("text is masked at the token-id level: replace ids with <mask> before calling the encoder")
         attn = attention_mask(padding_mask, causal=self.config.is_decoder, length=tokens.shape[1])
         x, hidden, targets = self.transformer(
             tokens, attn, layer_targets=layer_targets, output_hidden_states=output_hidden_states
         )
         pooled = self.pooler(x) if self.pooler is not None else None
-        return EncoderOutput(x, hidden, targets, padding_mask, pooled)
+        return EncoderOutput(x, hidden, targets, padding_mask, pooled, kept_index=kept)

@@ -52,6 +52,9 @@ class EncoderOutput:
     layer_targets: Optional[list[Tensor]] = None
     padding_mask: Optional[Tensor] = None
     pooler_output: Optional[Tensor] = None
+    # with ``drop_masked=True``: (batch, kept) positions of the encoded tokens in the full sequence
+    # (prefix tokens such as CLS not counted); ``last_hidden_state`` then holds prefix + kept tokens
+    kept_index: Optional[Tensor] = None
 
 
 class DropPath(nn.Module):

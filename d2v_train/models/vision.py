@@ -24,6 +24,8 @@ from .transformer import (
     init_weights,
     rescale_residual_branches,
 )
+from .positions import sincos_2d
+from .visible import gather_tokens, keep_index
 
 
 def _pair(value: Union[int, list, tuple]) -> tuple[int, int]:
@@ -50,12 +52,18 @@ class VisionEncoderConfig(EncoderConfig):
     drop_path_rate: float = 0.1
     use_mean_pooling: bool = True
     add_pooling_layer: bool = False
+    # data2vec 2.0 images (not transformers fields): fixed 2-D sin-cos positions added to the patches,
+    # and post-norm blocks (``norm_first: false``, with a layer norm on the embedded tokens first)
+    use_sincos_position_embeddings: bool = False
+    norm_first: bool = True
 
     def validate(self) -> None:
         super().validate()
         image, patch = _pair(self.image_size), _pair(self.patch_size)
         if image[0] % patch[0] or image[1] % patch[1]:
             raise ValueError(f"image_size {image} must be a multiple of patch_size {patch}")
+        if self.use_sincos_position_embeddings and self.use_absolute_position_embeddings:
+            raise ValueError("use_sincos_position_embeddings and use_absolute_position_embeddings exclude each other")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -105,13 +113,15 @@ class VisionEncoder(EncoderBase):
         )
         self.transformer = self.transformer_stack(
             drop_path_rate=config.drop_path_rate,
-            norm_first=True,
             dropout=config.hidden_dropout_prob,
             attn_dropout=config.attention_probs_dropout_prob,
             layer_scale_init=config.layer_scale_init_value,
             qkv_bias="qv",
             rel_pos_window=grid if config.use_relative_position_bias else None,
+            norm_first=config.norm_first,
         )
+        # post-norm stacks normalise their input (the blocks only normalise after each residual)
+        self.embed_norm = None if config.norm_first else nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.norm = None if config.use_mean_pooling else nn.LayerNorm(dim, eps=config.layer_norm_eps)
         if config.add_pooling_layer and config.use_mean_pooling:
             self.pool_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -164,11 +174,17 @@ class VisionEncoder(EncoderBase):
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
         grid: Optional[tuple[int, int]] = None,
+        drop_masked: bool = False,
     ) -> EncoderOutput:
+        """``drop_masked`` (data2vec 2.0): positions are added to the patches, the masked ones are
+        removed, CLS goes in front of the kept ones; needs absolute or sin-cos positions (a relative
+        position bias is defined on the full grid)."""
         batch, num_patches, _ = tokens.shape
         grid = tuple(grid) if grid else self.infer_grid(num_patches)
         if grid[0] * grid[1] != num_patches:
             raise ValueError(f"{num_patches} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+        if drop_masked:
+            return self._contextualize_kept(tokens, mask, grid, layer_targets, output_hidden_states)
         x = tokens
         if mask is not None:
             if self.mask_token is None:
@@ -179,6 +195,44 @@ class VisionEncoder(EncoderBase):
         x = torch.cat([self.cls_token.expand(batch, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.interpolated_pos_embed(grid)
+        if self.config.use_sincos_position_embeddings:
+            x = torch.cat([x[:, :1], x[:, 1:] + sincos_2d(x.shape[-1], grid, x.device).to(x.dtype)], dim=1)
+        return self._run_stack(x, grid, layer_targets, output_hidden_states)
+
+    def _contextualize_kept(
+        self,
+        tokens: Tensor,
+        mask: Optional[Tensor],
+        grid: tuple[int, int],
+        layer_targets: LayerTarget,
+        output_hidden_states: bool,
+    ) -> EncoderOutput:
+        if mask is None:
+            raise ValueError("drop_masked=True needs a mask")
+        if self.config.use_relative_position_bias or self.rel_pos_bias is not None:
+            raise ValueError(
+                "encoding only the kept patches needs absolute or sin-cos positions: set "
+                "use_relative_position_bias=false and use_shared_relative_position_bias=false"
+            )
+        x = tokens
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        if self.pos_embed is not None:
+            pos = self.interpolated_pos_embed(grid).to(x.dtype)
+            x, cls = x + pos[:, 1:], cls + pos[:, :1]
+        if self.config.use_sincos_position_embeddings:
+            x = x + sincos_2d(x.shape[-1], grid, x.device).to(x.dtype)
+        kept = keep_index(mask)
+        x = torch.cat([cls, gather_tokens(x, kept)], dim=1)
+        out = self._run_stack(x, None, layer_targets, output_hidden_states)
+        out.kept_index = kept
+        return out
+
+    def _run_stack(
+        self, x: Tensor, grid: Optional[tuple[int, int]], layer_targets: LayerTarget, output_hidden_states: bool
+    ) -> EncoderOutput:
+        """Input norm (post-norm stacks), dropout, the blocks, the final norm or pooling."""
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.dropout(x)
         bias = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
         attn = attention_mask(None, bias=bias, dtype=x.dtype)
@@ -200,8 +254,11 @@ class VisionEncoder(EncoderBase):
         mask: Optional[Tensor] = None,
         layer_targets: LayerTarget = None,
         output_hidden_states: bool = False,
+        drop_masked: bool = False,
     ) -> EncoderOutput:
         """Like ``EncoderBase.forward``, passing the input's patch grid on (any image size works)."""
         tokens, _ = self.embed(inputs, padding_mask)
         grid = (inputs.shape[-2] // self.patch_size[0], inputs.shape[-1] // self.patch_size[1])
-        return self.contextualize(tokens, None, mask, layer_targets, output_hidden_states, grid=grid)
+        return self.contextualize(
+            tokens, None, mask, layer_targets, output_hidden_states, grid=grid, drop_masked=drop_masked
+        )

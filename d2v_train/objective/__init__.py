@@ -1,6 +1,7 @@
 """The data2vec objective, independent of Lightning: masks, EMA teacher, targets, head and loss."""
 
-from .decoder import RegressionHead
+from .config import DecoderConfig, EMAConfig, ObjectiveConfig
+from .decoder import ConvDecoder, RegressionHead
 from .ema import EMASchedule, EMATeacher, ema_decay_at, resolve_schedule
 from .loss import all_reduce_sum, global_std, masked_regression_loss, regression_loss, world_size
 from .masking import (
@@ -15,11 +16,20 @@ from .masking import (
     random_mask,
     span_mask,
 )
+from .multimask import clone_targets, d2v2_objective, decoder_input, repeat_clones
 from .targets import NORMS, batch_norm, build_targets, instance_norm, layer_norm, normalize
 
 __all__ = [
+    "ConvDecoder",
+    "DecoderConfig",
+    "EMAConfig",
     "EMASchedule",
     "EMATeacher",
+    "ObjectiveConfig",
+    "clone_targets",
+    "d2v2_objective",
+    "decoder_input",
+    "repeat_clones",
     "MaskingConfig",
     "NORMS",
     "RegressionHead",

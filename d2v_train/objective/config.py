@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["EMAConfig", "ObjectiveConfig"]
+__all__ = ["DecoderConfig", "EMAConfig", "ObjectiveConfig"]
 
 
 @dataclass
@@ -38,6 +38,27 @@ class EMAConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """data2vec 2.0 conv decoder (``objective.decoder``; defaults: audio base).
+
+    dim / kernel / layers / groups: the conv blocks; residual: add each block's input when widths
+    match; projection_layers: 1 = Linear(dim, D), 2 = Linear(dim, ratio*dim) -> GELU -> Linear(-> D);
+    input_dropout: dropout on the decoder input; mask_noise_std: std of the N(0, std) vectors that
+    stand in for the masked tokens.
+    """
+
+    dim: int = 384
+    kernel: int = 7
+    layers: int = 4
+    groups: int = 16
+    residual: bool = True
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+    input_dropout: float = 0.1
+    mask_noise_std: float = 0.01
+
+
+@dataclass
 class ObjectiveConfig:
     """One data2vec objective (defaults: v1 audio base, ``configs/objective/d2v1_audio.yaml``).
 
@@ -54,6 +75,12 @@ class ObjectiveConfig:
     min_target_std / min_pred_std / collapse_check_after: stop training when the all-reduced
         per-dimension std of targets / predictions falls below these after that many updates
         (0 disables a check).
+    version: 1 = data2vec (the student sees mask tokens, ``head``); 2 = data2vec 2.0: the student
+        encodes only the kept tokens of ``clones`` independently masked copies of each sample, the
+        teacher runs once per sample, the conv ``decoder`` predicts the masked tokens.
+    clones: M, masked copies per sample (2.0).
+    decoder: the 2.0 conv decoder.
+    cls_loss: weight of the 2.0 image CLS loss (student CLS output vs the image's mean target).
     """
 
     layer_targets: str = "ffn"
@@ -70,14 +97,21 @@ class ObjectiveConfig:
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
     collapse_check_after: int = 5000
+    version: int = 1
+    clones: int = 1
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    cls_loss: float = 0.0
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
         values = dict(values)
         ema = values.pop("ema", None)
+        decoder = values.pop("decoder", None)
         cfg = cls(**values)
         if ema is not None:
             cfg.ema = ema if isinstance(ema, EMAConfig) else EMAConfig(**dict(ema))
+        if decoder is not None:
+            cfg.decoder = decoder if isinstance(decoder, DecoderConfig) else DecoderConfig(**dict(decoder))
         cfg.validate()
         return cfg
 
@@ -97,6 +131,14 @@ class ObjectiveConfig:
                 )
         if self.top_k < 1:
             raise ValueError(f"objective.top_k must be >= 1, got {self.top_k}")
+        if self.version not in (1, 2):
+            raise ValueError(f"bad value for 'objective.version': {self.version!r}; valid choices: 1, 2")
+        if self.clones < 1:
+            raise ValueError(f"objective.clones must be >= 1, got {self.clones}")
+        if self.version == 1 and (self.clones != 1 or self.cls_loss):
+            raise ValueError("objective.clones and objective.cls_loss are data2vec 2.0 options: set objective.version=2")
+        if self.decoder.layers < 0 or self.decoder.dim < 1 or self.decoder.mask_noise_std < 0:
+            raise ValueError("objective.decoder: layers must be >= 0, dim >= 1 and mask_noise_std >= 0")
         if not 0.0 <= self.ema.decay <= 1.0 or not 0.0 <= self.ema.end_decay <= 1.0:
             raise ValueError("objective.ema.decay and end_decay must lie in [0, 1]")
         for key in ("anneal_fraction", "max_horizon"):

@@ -1,15 +1,18 @@
 """Regression heads that map the student's output at masked positions to the target space.
 
 data2vec v1: a linear layer (audio, vision; "one Linear with bias", fairseq issue 4199) or the text
-recipe's 2-layer MLP D -> 2D -> D with GELU (``head_layers: 2``). The data2vec 2.0 conv decoders
-belong to the 2.0 work and will live here too.
+recipe's 2-layer MLP D -> 2D -> D with GELU (``head_layers: 2``).
+data2vec 2.0: ``ConvDecoder``, 1-D over time (audio, text) or 2-D over the patch grid (images).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RegressionHead"]
+__all__ = ["ConvDecoder", "RegressionHead"]
 
 
 class RegressionHead(nn.Module):
@@ -32,3 +35,69 @@ class RegressionHead(nn.Module):
         """``(..., dim)`` -> ``(..., out_dim)``."""
         return self.proj(x)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# data2vec 2.0 conv decoder
+
+
+class _ChannelNorm(nn.Module):
+    """Parameter-free layer norm over the channel axis (dim 1) of ``(batch, channels, ...)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.movedim(1, -1), (x.shape[1],)).movedim(-1, 1)
+
+
+class ConvDecoder(nn.Module):
+    """data2vec 2.0 decoder: ``layers`` x [grouped conv ('same' padding) -> layer norm over channels
+    without affine -> GELU], a residual around every block whose input and output widths match,
+    then a linear projection to the target width (or Linear -> GELU -> Linear with
+    ``projection_layers=2``).
+
+    It sees the whole sequence: the student's outputs at kept positions and N(0, std) noise at masked
+    ones (see ``multimask.decoder_input``), with no mask token and no positions: the convolutions
+    infer where they are from the neighbours. ``spatial=True`` runs 2-D convs over the patch grid.
+
+    Shapes: ``(batch, tokens, in_dim)`` -> ``(batch, tokens, out_dim)``; 2-D takes ``grid=(rows, cols)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: Any, spatial: bool = False) -> None:
+        super().__init__()
+        dim, kernel, groups = int(cfg.dim), int(cfg.kernel), int(cfg.groups)
+        if dim % groups or in_dim % groups:
+            raise ValueError(
+                f"objective.decoder.groups={groups} must divide decoder.dim={dim} and the encoder width {in_dim}"
+            )
+        if kernel % 2 == 0:
+            raise ValueError(f"objective.decoder.kernel must be odd ('same' padding), got {kernel}")
+        conv = nn.Conv2d if spatial else nn.Conv1d
+        self.spatial = spatial
+        self.residual = bool(cfg.residual)
+        self.input_dropout = nn.Dropout(float(cfg.input_dropout))
+        self.blocks = nn.ModuleList()
+        width = in_dim
+        for _ in range(int(cfg.layers)):
+            self.blocks.append(
+                nn.Sequential(conv(width, dim, kernel, padding=kernel // 2, groups=groups), _ChannelNorm(), nn.GELU())
+            )
+            width = dim
+        if int(cfg.projection_layers) == 1:
+            self.proj: nn.Module = nn.Linear(width, out_dim)
+        elif int(cfg.projection_layers) == 2:
+            hidden = int(width * float(cfg.projection_ratio))
+            self.proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        else:
+            raise ValueError(f"objective.decoder.projection_layers must be 1 or 2, got {cfg.projection_layers}")
+
+    def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        batch, tokens, _ = x.shape
+        x = self.input_dropout(x).transpose(1, 2)  # (B, C, T)
+        if self.spatial:
+            if grid is None or grid[0] * grid[1] != tokens:
+                raise ValueError(f"the 2-D decoder needs the patch grid of its {tokens} tokens, got {grid}")
+            x = x.reshape(batch, -1, grid[0], grid[1])
+        for block in self.blocks:
+            y = block(x)
+            x = x + y if self.residual and y.shape == x.shape else y
+        x = x.reshape(batch, x.shape[1], tokens).transpose(1, 2)
+        return self.proj(x)

@@ -1,0 +1,33 @@
+"""scripts/bench_pretrain.py runs end to end at tiny size (a smoke test: no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pretrain.py"
+
+
+def test_bench_pretrain_runs_every_variant_at_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_pretrain", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["bench_pretrain"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    rows = bench.main(["--sizes", "tiny", "--steps", "1", "--batch", "2", "--seconds", "0.5", "--length", "32",
+                       "--clones", "3"])
+    assert len(rows) == 12
+    for modality in ("audio", "text", "vision"):
+        mine = {r["variant"]: r for r in rows if r["modality"] == modality}
+        assert set(mine) == {"ours v1", "ours 2.0 M=1", "ours 2.0 M=3", "naive v1 (transformers)"}
+        for r in mine.values():
+            assert r["step_s"] > 0 and r["flops_s"] > 0 and math.isfinite(r["frac_peak"])
+        m3, m1 = mine["ours 2.0 M=3"], mine["ours 2.0 M=1"]
+        assert m3["pairs_s"] == pytest.approx(3 * m3["samples_s"]) and m1["pairs_s"] == pytest.approx(m1["samples_s"])
+        assert m1["tokens_s"] * m1["step_s"] < mine["ours v1"]["tokens_s"] * mine["ours v1"]["step_s"]  # kept only
+    out = capsys.readouterr().out
+    assert "matmul peak" in out and out.count("2.0 (2.0 M=3) / v1 pairs/s") == 3 and "matmul peak so far" in out
