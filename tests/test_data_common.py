@@ -119,3 +119,16 @@ def test_seeded_split() -> None:
     tr, va = seeded_split(10, 0.2, 0)
     assert len(va) == 2 and not set(tr) & set(va)
     assert seeded_split(1, 0.5, 0) == ([0], [])
+
+
+def test_few_label_training_uses_every_label() -> None:
+    """10 labels per class in batches of 64: both batches (64 + 36) are served, no image sits out."""
+    from d2v_train.data import DigitsDataModule
+
+    dm = DigitsDataModule(labels_per_class=10, batch_size=64, image_size=8)
+    dm.setup("fit")
+    sizes = [len(b["labels"]) for b in dm.train_dataloader()]
+    assert sorted(sizes) == [36, 64]
+    full = DigitsDataModule(batch_size=64, image_size=8)
+    full.setup("fit")
+    assert all(len(b["labels"]) == 64 for b in full.train_dataloader())  # a small tail is still dropped

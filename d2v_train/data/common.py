@@ -253,7 +253,9 @@ class BaseDataModule(L.LightningDataModule):
             num_items=len(dataset),
             batch_size=self.batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
+            # The uneven tail is dropped only where it is a small share of an epoch: 100 few-label
+            # images in batches of 64 would otherwise leave 36 of them out of every epoch.
+            drop_last=train and len(dataset) >= 10 * self.batch_size,
             seed=self.seed,
             num_replicas=world,
             rank=rank,
