@@ -176,6 +176,19 @@ def write_docstrings_corpus(cache: Path, max_files: int | None = None) -> Path:
     return out
 
 
+def docstrings_by_module(folder: Path, max_files: int | None = None) -> list[tuple[str, str]]:
+    """`stdlib_docstrings` pairs, cached as JSON in the corpus folder (reading them takes seconds)."""
+    import json
+
+    out = folder / "docstrings_by_module.json"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(stdlib_docstrings(max_files))), encoding="utf-8")
+        tmp.replace(out)
+    return [(m, d) for m, d in json.loads(out.read_text(encoding="utf-8"))]
+
+
 class DocstringsDataModule(TextDataModule):
     """Python's own documentation as a text corpus (~2 MB), tokenized with a trained byte-level BPE."""
 
@@ -221,7 +234,7 @@ class DocstringsDataModule(TextDataModule):
 
         self.setup("fit")
         task = docstring_module_task(
-            list(stdlib_docstrings(self.max_files)), num_classes=self.probe_classes,
+            docstrings_by_module(Path(self.path).parent, self.max_files), num_classes=self.probe_classes,
             per_class=self.probe_per_class, seed=self.seed,
         )  # fmt: skip
         tok = load_tokenizer(str(self.tokenizer_path))
