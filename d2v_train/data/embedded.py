@@ -13,7 +13,7 @@ import ast
 import logging
 import random
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,25 +176,33 @@ class DigitsDataModule(BaseDataModule):
 DOC_SEPARATOR = "<|doc|>"
 
 
-def python_docs(max_files: int | None = None) -> list[str]:
-    """pydoc's topic pages + docstrings of the standard library's modules, classes and functions,
-    read with `ast` (nothing is imported, so no module runs)."""
-    import pydoc_data.topics
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"})
 
-    docs = [t.strip() for t in pydoc_data.topics.topics.values()]
+
+def stdlib_docstrings(max_files: int | None = None) -> Iterator[tuple[str, str]]:
+    """(top-level module or package, docstring) for the standard library's modules, classes and
+    functions, read with `ast` (nothing is imported, so no module runs)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip_dirs = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
-    files = sorted(p for p in root.rglob("*.py") if not skip_dirs & set(p.relative_to(root).parts[:-1]))
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     for f in progress(files[:max_files], desc="reading docstrings"):
         try:
             tree = ast.parse(f.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
+        module = f.relative_to(root).parts[0].removesuffix(".py")
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 20:
-                    docs.append(doc.strip())
+                    yield module, doc.strip()
+
+
+def python_docs(max_files: int | None = None) -> list[str]:
+    """pydoc's topic pages + docstrings of the standard library (`stdlib_docstrings`)."""
+    import pydoc_data.topics
+
+    docs = [t.strip() for t in pydoc_data.topics.topics.values()]
+    docs += [doc for _, doc in stdlib_docstrings(max_files)]
     return docs
 
 
@@ -211,11 +219,34 @@ def write_docstrings_corpus(cache: Path, max_files: int | None = None) -> Path:
     return out
 
 
+def docstrings_by_module(folder: Path, max_files: int | None = None) -> list[tuple[str, str]]:
+    """`stdlib_docstrings` pairs, cached as JSON in the corpus folder (reading them takes seconds)."""
+    import json
+
+    out = folder / "docstrings_by_module.json"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(stdlib_docstrings(max_files))), encoding="utf-8")
+        tmp.replace(out)
+    return [(m, d) for m, d in json.loads(out.read_text(encoding="utf-8"))]
+
+
 class DocstringsDataModule(TextDataModule):
     """Python's own documentation as a text corpus (~2 MB), tokenized with a trained byte-level BPE."""
 
-    def __init__(self, *, max_files: int | None = None, cache_dir: str | None = None, path: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_files: int | None = None,
+        cache_dir: str | None = None,
+        path: str | None = None,
+        probe_classes: int = 20,
+        probe_per_class: int = 60,
+        **kwargs: Any,
+    ) -> None:
         self.max_files = max_files
+        self.probe_classes, self.probe_per_class = probe_classes, probe_per_class
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir("docstrings")
         kwargs.setdefault("vocab_size", 4096)
         kwargs.setdefault("max_length", 128)
@@ -234,6 +265,32 @@ class DocstringsDataModule(TextDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._corpus()
         super().setup(stage)
+
+    def probe_sets(self) -> ProbeSets | None:
+        """Which standard-library module a docstring comes from, its name removed from the text
+        (`probe_tasks.docstring_module_task`); None for a user's own text (`data.path`)."""
+        if self.user_path:
+            return None
+        from d2v_train.data.probe_tasks import docstring_module_task, encode_examples
+        from d2v_train.data.tasks_text import TokenExamples
+        from d2v_train.data.tokenizer import load_tokenizer
+
+        self.setup("fit")
+        task = docstring_module_task(
+            docstrings_by_module(Path(self.path).parent, self.max_files), num_classes=self.probe_classes,
+            per_class=self.probe_per_class, seed=self.seed,
+        )  # fmt: skip
+        tok = load_tokenizer(str(self.tokenizer_path))
+        ids = self.special_token_ids
+
+        def split(rows: list[tuple[str, int]]) -> TokenExamples:
+            inputs = encode_examples([t for t, _ in rows], tok, ids["bos"], ids["eos"], self.max_length)
+            return TokenExamples(inputs, [lab for _, lab in rows])
+
+        return ProbeSets(
+            name="docstring_module", train=split(task.train), val=split(task.val), num_classes=len(task.classes),
+            collate_fn=self.collate_fn, class_names=task.classes,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ speech
@@ -261,6 +318,7 @@ class SpeechDataModule(AudioDataModule):
         rates: Sequence[int] = (150,),
         pitches: Sequence[int] = (50,),
         val_accents: Sequence[str] | None = None,
+        probe_accents: Sequence[str] | None = None,
         num_sentences: int = 200,
         sentence_words: tuple[int, int] = (2, 6),
         synth_threads: int = 4,
@@ -284,6 +342,13 @@ class SpeechDataModule(AudioDataModule):
         self.rates = list(rates)
         self.pitches = list(pitches)
         self.val_accents = list(val_accents or [])
+        # the probe's validation voices: accents the probe's training labels (and pretraining) lack
+        self.probe_accents = list(probe_accents) if probe_accents is not None else [a for a in ACCENTS if a not in self.accents]
+        if not self.probe_accents or set(self.probe_accents) & set(self.accents):
+            raise ValueError(
+                f"data.probe_accents must be non-empty and disjoint from data.accents {self.accents} (the probe "
+                f"is judged on voices its training labels lack), got {self.probe_accents}"
+            )
         self.num_sentences = num_sentences
         self.sentence_words = sentence_words
         self.synth_threads = synth_threads
@@ -329,6 +394,41 @@ class SpeechDataModule(AudioDataModule):
         if not getattr(self, "_announced", False):  # prepare_data runs more than once per process
             log.info("speech corpus: %d utterances in %s", len(jobs), root)
             self._announced = True
+
+    def probe_clip(self, word: str, voice: str) -> Path:
+        """Where the probe's recording of ``word`` by ``voice`` (accent+variant) is cached (the layout
+        the espeak task modules share)."""
+        return self.cache_root / "words" / f"{voice}_s{self.rates[0]}_p{self.pitches[0]}" / f"{word}.wav"
+
+    def probe_voices(self) -> tuple[list[str], list[str]]:
+        """(voices labelled for the probe's training, held-out voices it is validated on)."""
+        train = [f"{a}+{v}" for a in self.accents for v in self.variants]
+        val = [f"{a}+{v}" for a in self.probe_accents for v in self.variants]
+        return train, val
+
+    def probe_sets(self) -> ProbeSets | None:
+        """Which word is spoken (``data.words``), by the training accents for the probe's training
+        labels and by ``probe_accents`` (never among them) for its validation; single words, trimmed
+        to their speech. None for a user's own recordings (``data.path``)."""
+        if self.user_path:
+            return None
+        from d2v_train.data.probe_tasks import spoken_word_clips
+        from d2v_train.data.tasks_audio import Waveforms
+
+        train_voices, val_voices = self.probe_voices()
+        rate, pitch = self.rates[0], self.pitches[0]
+        jobs = [Utterance(w, v, rate, pitch, self.probe_clip(w, v)) for w in self.words for v in train_voices + val_voices]
+        synthesize_all(jobs, self.synth_threads)
+
+        def split(voices: list[str]) -> Waveforms:
+            rows = [(i, v, self.probe_clip(w, v)) for v in voices for i, w in enumerate(self.words)]
+            waves, labels = spoken_word_clips(rows, self.sample_rate, self.normalize)
+            return Waveforms(waves, labels)
+
+        return ProbeSets(
+            name="spoken_word_unseen_voices", train=split(train_voices), val=split(val_voices),
+            num_classes=len(self.words), collate_fn=self.collate_fn, class_names=list(self.words),
+        )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:

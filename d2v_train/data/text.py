@@ -13,6 +13,7 @@ the source files' size/mtime, the tokenizer and the settings, so a second run st
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 import shutil
@@ -288,7 +289,9 @@ class TextDataModule(BaseDataModule):
         import datasets
 
         start = time.perf_counter()
-        tmp = out.with_name(out.name + ".tmp")
+        # a temporary folder of this process's own: two runs tokenizing the same text at once (a
+        # sweep) must not write into, or delete, each other's half-built folder
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         quiet = not datasets.utils.are_progress_bars_disabled()
         if quiet:  # our own bars cover the slow part; saving is fast
@@ -305,8 +308,11 @@ class TextDataModule(BaseDataModule):
                 datasets.utils.enable_progress_bars()
         meta = {"skips": self.skips.counts(), "skipped": self.skips.events[:1000], "classes": self.classes, "vocab_size": self.vocab_size}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        if (out / "meta.json").is_file():  # another process finished the same folder first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.replace(out)
         log.info("tokenized text in %.1fs -> %s", time.perf_counter() - start, out)
 
     def _label_ids(self, labels: list[Any]) -> list[int]:

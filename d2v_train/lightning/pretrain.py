@@ -363,7 +363,8 @@ class Data2VecPretraining(L.LightningModule):
             sched = self.ema_schedule()
             _log.warning(
                 "the teacher barely moved: after %d updates it is still %.0f%% its initialisation (EMA decay "
-                "%.6g -> %.6g), so its targets were close to random features. For a run this short set "
-                "objective.ema.max_horizon=0.1 (or lower objective.ema.decay / end_decay).",
+                "%.6g -> %.6g), so its targets were close to its random features. Check the probe against "
+                "random init; a faster teacher (objective.ema.max_horizon=0.1, or lower objective.ema.decay) "
+                "is what made the vision preset learn, but collapsed the text one (docs/presets.md).",
                 self.global_step, 100 * self.teacher_init_weight, sched.decay, sched.end_decay,
             )  # fmt: skip

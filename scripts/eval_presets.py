@@ -1,0 +1,196 @@
+"""Does the default `d2v-pretrain modality=text|audio` learn? A probe table that says so.
+
+    python scripts/eval_presets.py text                      # 3 seeds of the default text run
+    python scripts/eval_presets.py audio --seeds 0 1 2
+    python scripts/eval_presets.py text -- trainer.max_steps=400 optim.lr=2e-3   # any pretrain overrides
+
+For each seed it runs the default pretraining command (skipped when the run directory already holds
+`checkpoints/last.ckpt`), then compares on the data module's labelled probe task (`probe_sets()`):
+a cheap baseline on the raw input (text: TF-IDF over tokens; audio: log-mel), the same encoder
+architecture at random initialisation, and the pretrained encoder, with few labels per class and
+with all labels. Features are frozen, mean-pooled over the last layer's non-padded tokens, encoder
+in eval mode, no masking. Each seed draws its own pretraining run, random init and few-label subset;
+the table shows mean ± standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FEW_LABELS = {"text": 10, "audio": 4}
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> float:
+    """Accuracy of StandardScaler + LogisticRegression on frozen features (the one place the
+    classifier lives: swap it for `d2v_train.eval` when that lands)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    clf.fit(x_train, y_train)
+    return float(clf.score(x_val, y_val))
+
+
+@torch.no_grad()
+def encoder_features(encoder: torch.nn.Module, dataset: Any, collate_fn: Callable, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the last hidden state over non-padded tokens, encoder in eval mode, no masking."""
+    encoder.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    feats, labels = [], []
+    for batch in loader:
+        out = encoder(batch["inputs"], padding_mask=batch.get("padding_mask"))
+        x = out.last_hidden_state
+        keep = torch.ones(x.shape[:2], dtype=x.dtype) if out.padding_mask is None else (~out.padding_mask).to(x.dtype)
+        feats.append(((x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def tfidf_features(train: Any, val: Any) -> tuple[np.ndarray, np.ndarray]:
+    """TF-IDF over the probe's own tokens (unigrams and bigrams), fitted on the training texts."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def docs(ds: Any) -> list[str]:
+        return [" ".join(map(str, ds[i]["inputs"].tolist()[1:-1])) for i in range(len(ds))]
+
+    vec = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    x_train = vec.fit_transform(docs(train))
+    return x_train.toarray(), vec.transform(docs(val)).toarray()
+
+
+def logmel_features(train: Any, val: Any, frames: int = 24, mels: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Log-mel spectrogram (25 ms windows, 10 ms hop) resized to a fixed number of frames: keeps the
+    word's time course, so it is a strong baseline for single words."""
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=mels)
+
+    def feats(ds: Any) -> np.ndarray:
+        out = []
+        for i in range(len(ds)):
+            spec = torch.log(mel(ds[i]["inputs"].float()) + 1e-6)  # (mels, T)
+            spec = torch.nn.functional.interpolate(spec[None], size=frames, mode="linear", align_corners=False)[0]
+            out.append(spec.flatten().numpy())
+        return np.stack(out)
+
+    return feats(train), feats(val)
+
+
+def few_label_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
+    """Indices of k examples per class (seeded); all indices when k is None."""
+    if k is None:
+        return np.arange(len(y))
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for c in sorted(set(y.tolist())):
+        members = np.flatnonzero(y == c).tolist()
+        keep += rng.sample(members, min(k, len(members)))
+    return np.asarray(sorted(keep))
+
+
+def pretrain(modality: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
+    """The default pretraining command (skipped when its checkpoint exists); returns wall seconds."""
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return float("nan")
+    cmd = [sys.executable, "-m", "d2v_train.pretrain", f"modality={modality}", f"seed={seed}",
+           f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides]  # fmt: skip
+    print("+", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def probe_data(run_dir: Path) -> Any:
+    """The run's data module (from its resolved config) and its probe sets."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    dm = instantiate(cfg.data)
+    probes = dm.probe_sets()
+    if probes is None:
+        raise SystemExit(f"{type(dm).__name__} has no probe task")
+    return probes
+
+
+def summarise(values: list[float]) -> str:
+    a = np.asarray(values)
+    return f"{a.mean():.3f} ± {a.std():.3f}" if len(a) > 1 else f"{a.mean():.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modality", choices=["text", "audio"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--few", type=int, default=None, help="labels per class of the few-label column (text 10, audio 4)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/eval_presets"), help="where the pretraining runs go")
+    parser.add_argument("--tag", default="default", help="run folder name under --runs (one per set of overrides)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.overrides = overrides
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    few = args.few or FEW_LABELS[args.modality]
+    columns = [(f"{few} labels/class", few), ("all labels", None)]
+
+    from d2v_train.lightning.pretrained import load_pretrained
+    from d2v_train.models import build_encoder
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    walls = []
+    baseline_name = "TF-IDF + logistic regression" if args.modality == "text" else "log-mel + logistic regression"
+
+    def record(row: str, col: str, acc: float) -> None:
+        rows.setdefault(row, {}).setdefault(col, []).append(acc)
+
+    for seed in args.seeds:
+        run_dir = args.runs / f"{args.modality}-{args.tag}-s{seed}"
+        walls.append(pretrain(args.modality, seed, run_dir, args.overrides))
+        probes = probe_data(run_dir)
+        pretrained = load_pretrained(str(run_dir / "checkpoints" / "last.ckpt")).encoder
+        torch.manual_seed(seed)
+        random_init = build_encoder(pretrained.modality, pretrained.config)
+        if args.modality == "text":
+            base = tfidf_features(probes.train, probes.val)
+        else:
+            base = logmel_features(probes.train, probes.val)
+        y_train = np.asarray([int(probes.train[i]["labels"]) for i in range(len(probes.train))])
+        y_val = np.asarray([int(probes.val[i]["labels"]) for i in range(len(probes.val))])
+        feats = {baseline_name: base}
+        for name, enc in (("random init", random_init), ("pretrained", pretrained)):
+            xt, _ = encoder_features(enc, probes.train, probes.collate_fn)
+            xv, _ = encoder_features(enc, probes.val, probes.collate_fn)
+            feats[name] = (xt, xv)
+        for col, k in columns:
+            idx = few_label_subset(y_train, k, seed)
+            for name, (xt, xv) in feats.items():
+                record(name, col, linear_probe(xt[idx], y_train[idx], xv, y_val))
+        print(f"seed {seed}: " + ", ".join(f"{n} {v[columns[0][0]][-1]:.3f}/{v['all labels'][-1]:.3f}" for n, v in rows.items()), flush=True)
+
+    print(f"\n{probes.name}: {probes.num_classes} classes, {len(probes.train)} train / {len(probes.val)} val examples; "
+          f"seeds {args.seeds}; overrides: {' '.join(args.overrides) or '(none)'}")  # fmt: skip
+    wall = [w for w in walls if w == w]
+    if wall:
+        print(f"pretraining wall time per run: {np.mean(wall):.0f} s (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
+    print(f"\n| features | {' | '.join(c for c, _ in columns)} |")
+    print("|---|" + "---|" * len(columns))
+    for name, cols in rows.items():
+        print(f"| {name} | {' | '.join(summarise(cols[c]) for c, _ in columns)} |")
+    gain = np.asarray(rows["pretrained"][columns[0][0]]) - np.asarray(rows["random init"][columns[0][0]])
+    print(f"\npretrained - random init at {columns[0][0]}: {gain.mean():+.3f} (per seed: {', '.join(f'{g:+.3f}' for g in gain)})")
+
+
+if __name__ == "__main__":
+    main()
