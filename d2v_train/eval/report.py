@@ -216,7 +216,10 @@ def write_report(run_dir: str | Path, extra: Optional[dict[str, Any]] = None, ou
         ("max_steps", _get(cfg, "trainer.max_steps")),
         ("lr", _get(cfg, "optim.lr")),
         ("EMA decay", " -> ".join(str(_get(cfg, f"objective.ema.{k}")) for k in ("decay", "end_decay"))
-                      + f" over {_get(cfg, 'objective.ema.anneal_steps')} updates" if _get(cfg, "objective.ema") else None),
+                      + f" over {_get(cfg, 'objective.ema.anneal_steps')} updates"
+                      + "".join(f", {k}={_get(cfg, 'objective.ema.' + k)}" for k in ("anneal_fraction", "max_horizon")
+                                if _get(cfg, "objective.ema." + k) is not None)
+                      + " (as configured; train/ema_decay holds the values used)" if _get(cfg, "objective.ema") else None),
         ("seed", _get(cfg, "seed")),
     ]  # fmt: skip
     lines += ["## Config", ""] + [f"- {k}: {v}" for k, v in brief if v is not None] + [""]
