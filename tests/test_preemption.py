@@ -70,7 +70,7 @@ def kill_at(update: int, sig: str = "SIGKILL") -> list[str]:
 
 def steps(path: Path) -> list[int]:
     with path.open() as f:
-        return [int(r["step"]) for r in csv.DictReader(f)]
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]  # update rows, not probe rows
 
 
 def saved_step(run_dir: Path) -> int:

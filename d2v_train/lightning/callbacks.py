@@ -207,6 +207,8 @@ class OnlineProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.probe is None or getattr(trainer, "interrupted", False):
             return
+        if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
+            return  # stopped early (pre-emption, collapse): the resumed run probes its own end
         done = self._last if self._last_step == trainer.global_step else self._run(pl_module)  # probed just now?
         metrics = {f"probe/{k}": v for k, v in done.items()}
         if self.compare_random_init:
