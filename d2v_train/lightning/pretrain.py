@@ -40,7 +40,7 @@ from d2v_train.config_values import as_settings
 from d2v_train.objective.config import ObjectiveConfig
 from d2v_train.objective.decoder import ConvDecoder, RegressionHead
 from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
-from d2v_train.objective.loss import all_reduce_sum, global_std, masked_regression_loss
+from d2v_train.objective.loss import all_reduce_sum, masked_regression_loss, objective_outputs
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
 from d2v_train.objective.multimask import d2v2_objective
 from d2v_train.objective.targets import build_targets
@@ -241,19 +241,7 @@ class Data2VecPretraining(L.LightningModule):
             loss_scale=obj.loss_scale,
             channel_reduction=obj.channel_reduction,
         )
-        valid = all_reduce_sum(valid_tokens.sum().float())
-        return {
-            "loss": res.loss,
-            "global_loss": res.global_loss,
-            "local_sum": res.local_sum,
-            "local_count": mask.sum(),
-            "masked": res.count,
-            "tokens": valid,
-            "mask_frac": res.count / valid.clamp(min=1.0),
-            "target_std": global_std(target),
-            "pred_std": global_std(pred),
-            "mask": mask,
-        }
+        return objective_outputs(res, mask, valid_tokens.sum(), pred, target)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MaskedLoss", "regression_loss", "masked_regression_loss", "all_reduce_sum", "world_size", "global_std"]
+__all__ = ["MaskedLoss", "regression_loss", "masked_regression_loss", "all_reduce_sum", "world_size", "global_std", "objective_outputs"]
 
 
 def world_size() -> int:
@@ -108,3 +108,24 @@ def global_std(x: Tensor) -> Tensor:
     s, ss = stats[0], stats[1]
     var = (ss - s * s / n) / (n - 1)
     return torch.sqrt(var.clamp(min=0.0) + 1e-6).mean()
+
+
+def objective_outputs(
+    res: MaskedLoss, mask: Tensor, valid_tokens: Tensor, pred: Tensor, target: Tensor
+) -> dict[str, Tensor]:
+    """What one objective evaluation hands to the training module (v1 and 2.0 alike): ``loss`` to
+    backpropagate, the all-reduced ``global_loss``, and detached statistics. ``valid_tokens`` is this
+    rank's count of non-padding tokens the masks were drawn over."""
+    valid = all_reduce_sum(valid_tokens.float())
+    return {
+        "loss": res.loss,
+        "global_loss": res.global_loss,
+        "local_sum": res.local_sum,
+        "local_count": mask.sum(),
+        "masked": res.count,
+        "tokens": valid,
+        "mask_frac": res.count / valid.clamp(min=1.0),
+        "target_std": global_std(target),
+        "pred_std": global_std(pred),
+        "mask": mask,
+    }

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from d2v_train.models.visible import scatter_tokens
 
 from .config import ObjectiveConfig
-from .loss import all_reduce_sum, global_std, masked_regression_loss, regression_loss, world_size
+from .loss import all_reduce_sum, masked_regression_loss, objective_outputs, regression_loss, world_size
 from .masking import MaskingConfig, compute_mask
 from .targets import build_targets
 
@@ -154,19 +154,7 @@ def d2v2_objective(
         cls_loss = all_reduce_sum(local.detach()) / denom
         global_loss = global_loss + cls_loss
     valid = (~pad_rep).sum() if pad_rep is not None else torch.tensor(mask.numel(), device=mask.device)
-    valid = all_reduce_sum(valid.float())
-    return {
-        "loss": loss,
-        "global_loss": global_loss,
-        "local_sum": res.local_sum,
-        "local_count": mask.sum(),
-        "masked": res.count,
-        "tokens": valid,
-        "mask_frac": res.count / valid.clamp(min=1.0),
-        "target_std": global_std(target),
-        "pred_std": global_std(pred),
-        "mask": mask,
-        "cls_loss": cls_loss,
-        "pairs": batch * clones,
-        "encoded": hidden.shape[0] * hidden.shape[1],
-    }
+    out = objective_outputs(res, mask, valid, pred, target)
+    out.update(loss=loss, global_loss=global_loss, cls_loss=cls_loss, pairs=batch * clones,
+               encoded=hidden.shape[0] * hidden.shape[1])  # fmt: skip
+    return out
