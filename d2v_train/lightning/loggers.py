@@ -21,7 +21,6 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only
 
 __all__ = ["RunCSVLogger", "wandb_run_id", "WANDB_ID_FILE"]
 
@@ -38,6 +37,10 @@ class _AppendingWriter(ExperimentWriter):
         """A new column: rewrite the file through a temporary file, so a kill cannot truncate it."""
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             rows = list(csv.DictReader(f))
+        self._replace_rows(fieldnames, rows)
+
+    def _replace_rows(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+        """Writes the whole file through a temporary file and a rename: a kill never truncates it."""
         tmp = self.metrics_file_path + ".tmp"
         with self._fs.open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
@@ -57,12 +60,7 @@ class _AppendingWriter(ExperimentWriter):
         kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
         if len(kept) == len(rows):
             return
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, self.metrics_file_path)
+        self._replace_rows(fields, kept)
 
 
 class RunCSVLogger(CSVLogger):
@@ -84,18 +82,6 @@ class RunCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
-
-    @rank_zero_only
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        """A new column: rewrite the file through a temporary file, so a kill cannot truncate it."""
-        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-            rows = list(csv.DictReader(f))
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
 
     def rewind(self, step: int) -> None:
         """Forget the rows logged at ``step`` and after (a resume from the checkpoint of ``step``)."""
