@@ -169,7 +169,6 @@ def _encoder(cfg: DictConfig, pre: Any, dm: Any) -> Any:
                 f"{encoder.config.vocab_size}: set data.tokenizer= to the tokenizer it was pretrained with"
             )
     overrides = _non_null(cfg.get("encoder_overrides"))
-    ft = cfg.finetune
     if cfg.modality == "audio":
         # the encoder config records the fine-tuning masks (as transformers' Data2VecAudioConfig does),
         # which also decides whether it has a mask embedding
