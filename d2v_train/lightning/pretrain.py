@@ -179,15 +179,12 @@ class Data2VecPretraining(L.LightningModule):
         obj = self.objective
         if generator is None:
             generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        pad = padding_mask
+        if self.modality == "text" and pad is None and self.pad_id is not None:
+            pad = inputs == int(self.pad_id)
         if obj.version == 2:
-            pad = padding_mask
-            if self.modality == "text" and pad is None and self.pad_id is not None:
-                pad = inputs == int(self.pad_id)
             return d2v2_objective(self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator)
         if self.modality == "text":
-            pad = padding_mask
-            if pad is None and self.pad_id is not None:
-                pad = inputs == int(self.pad_id)
             maskable = ~torch.isin(inputs, self.special_ids)
             if pad is not None:
                 maskable &= ~pad
