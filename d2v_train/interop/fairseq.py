@@ -1,5 +1,8 @@
 """Import of released data2vec v1 checkpoints: fairseq audio and text, BEiT-based vision.
 
+data2vec 2.0 checkpoints (fairseq ``data2vec_multi``) have their tables in ``fairseq2.py`` and go
+through the same ``convert_state`` and ``load_fairseq``.
+
 fairseq is not a dependency. A checkpoint is read with ``torch.load(weights_only=True)``; the only
 non-tensor classes allowed are the plain config containers fairseq stores beside the weights
 (OmegaConf containers, ``argparse.Namespace``), so a file that needs anything else is refused.
@@ -19,7 +22,7 @@ import operator
 import re
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,8 +33,11 @@ from .keymaps import compile_pattern, fill_pattern
 
 log = logging.getLogger(__name__)
 
-# (fairseq pattern, our pattern); {n} is a layer index. Several fairseq names fuse into one of ours.
-AUDIO_TABLE: list[tuple[tuple[str, ...], str]] = [
+# (fairseq patterns, our pattern or patterns); {n} is a layer index. Several fairseq names fuse into
+# one of ours; a tuple of ours splits one of theirs (see ``convert_state``).
+Rule = tuple[tuple[str, ...], Union[str, tuple[Optional[str], ...]]]
+
+AUDIO_TABLE: list[Rule] = [
     (("mask_emb",), "mask_embedding"),
     (("feature_extractor.conv_layers.{n}.0.weight",), "feature_extractor.layers.{n}.conv.weight"),
     (("feature_extractor.conv_layers.{n}.0.bias",), "feature_extractor.layers.{n}.conv.bias"),
@@ -56,7 +62,7 @@ _W2V_LAYER = [
 ]
 
 
-def _layer_rules(theirs: str, ours: str) -> list[tuple[tuple[str, ...], str]]:
+def _layer_rules(theirs: str, ours: str) -> list[Rule]:
     return [
         (tuple(f"{theirs}.{t.format(p=p, n='{n}')}" for t in ts), f"{ours}.{o.format(p=p)}")
         for ts, o in _W2V_LAYER
@@ -66,7 +72,7 @@ def _layer_rules(theirs: str, ours: str) -> list[tuple[tuple[str, ...], str]]:
 
 AUDIO_TABLE += _layer_rules("encoder.layers.{n}", "transformer.blocks.{n}")
 
-TEXT_TABLE: list[tuple[tuple[str, ...], str]] = [
+TEXT_TABLE: list[Rule] = [
     (("encoder.sentence_encoder.embed_tokens.weight",), "embeddings.token.weight"),
     (("encoder.sentence_encoder.embed_positions.weight",), "embeddings.position.weight"),
     (("encoder.sentence_encoder.layernorm_embedding.weight",), "embeddings.norm.weight"),
@@ -74,7 +80,7 @@ TEXT_TABLE: list[tuple[tuple[str, ...], str]] = [
     *_layer_rules("encoder.sentence_encoder.layers.{n}", "transformer.blocks.{n}"),
 ]
 
-VISION_TABLE: list[tuple[tuple[str, ...], str]] = [
+VISION_TABLE: list[Rule] = [
     (("cls_token",), "cls_token"),
     (("mask_token",), "mask_token"),
     (("pos_embed",), "pos_embed"),
@@ -134,7 +140,7 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):  # + fairseq's plain config containers
-            checkpoint = torch_load_safely(path, kind="data2vec v1 checkpoint")
+            checkpoint = torch_load_safely(path, kind="data2vec checkpoint")
     except ValueError as err:
         if str(err).startswith("refused"):
             raise ValueError(
@@ -165,33 +171,61 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str
     return state, config
 
 
-def detect_modality(state: Mapping[str, Any]) -> str:
+def detect_checkpoint(state: Mapping[str, Any]) -> tuple[str, str]:
+    """``(version, modality)`` of a checkpoint from its key names: ``"2.0"`` for fairseq's
+    ``data2vec_multi`` models (``modality_encoders.*``), else ``"v1"``."""
+    if any(k.startswith("modality_encoders.") for k in state):
+        from .fairseq2 import detect_modality_v2
+
+        return "2.0", detect_modality_v2(state)
     if any(k.startswith("feature_extractor.conv_layers") or k.startswith("w2v_encoder.") for k in state):
-        return "audio"
+        return "v1", "audio"
     if any(k.startswith("encoder.sentence_encoder.") for k in state):
-        return "text"
+        return "v1", "text"
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
-        return "vision"
-    raise ValueError("cannot tell the modality: the keys match neither a fairseq data2vec audio or text model "
-                     "nor a BEiT-based data2vec vision model")
+        return "v1", "vision"
+    raise ValueError("cannot tell the modality: the keys match neither a fairseq data2vec audio or text model, "
+                     "a BEiT-based data2vec vision model, nor a fairseq data2vec 2.0 (data2vec_multi) model")
 
 
-def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Applies the modality's table. Every tensor must be mapped, dropped on purpose, or a head."""
-    dropped = [re.compile(p) for p in DROPPED[modality]]
-    heads = [re.compile(p) for p in HEADS[modality]]
-    table = [(tuple(compile_pattern(t) for t in theirs), theirs, ours) for theirs, ours in TABLES[modality]]
+def detect_modality(state: Mapping[str, Any]) -> str:
+    """The modality of a data2vec v1 or 2.0 checkpoint (see ``detect_checkpoint``)."""
+    return detect_checkpoint(state)[1]
+
+
+def convert_state(
+    state: Mapping[str, Tensor],
+    table: Sequence[Rule],
+    dropped: Sequence[str],
+    heads: Sequence[str],
+    what: str,
+    refused: Mapping[str, str] = {},
+) -> dict[str, Tensor]:
+    """Applies a key table. Every tensor must be mapped, dropped on purpose, or a head.
+
+    A rule maps one or more of their names (``{n}`` = layer index) to ours: several of theirs fuse
+    into one of ours (concatenated along dim 0); a tuple of our names splits their one tensor into
+    that many equal dim-0 parts (a ``None`` part is discarded). ``refused`` pairs a key pattern with
+    the reason our encoder cannot represent what it stands for.
+    """
+    dropped_re = [re.compile(p) for p in dropped]
+    heads_re = [re.compile(p) for p in heads]
+    refused_re = [(re.compile(p), why) for p, why in refused.items()]
+    compiled = [(tuple(compile_pattern(t) for t in theirs), theirs, ours) for theirs, ours in table]
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for key in state:
-        if any(p.search(key) for p in dropped) or key in used:
+        if any(p.search(key) for p in dropped_re) or key in used:
             continue
-        if any(p.search(key) for p in heads):
+        if any(p.search(key) for p in heads_re):
             raise ValueError(
                 f"checkpoint key {key!r} belongs to a fine-tuning head; this importer reads encoders "
                 "(pretrained checkpoints)"
             )
-        for patterns, theirs, ours in table:
+        for pattern, why in refused_re:
+            if pattern.search(key):
+                raise ValueError(f"checkpoint key {key!r} cannot be imported: {why}")
+        for patterns, theirs, ours in compiled:
             # any member of a fused group may come first (fairseq stores k_proj before q_proj)
             match = next((m for m in (p.match(key) for p in patterns) if m), None)
             if not match:
@@ -201,12 +235,26 @@ def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
             missing = [n for n in names if n not in state]
             if missing:
                 raise ValueError(f"checkpoint has {key!r} but not {missing}, which fuse with it into {ours}")
-            out[fill_pattern(ours, numbers)] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[key]
             used.update(names)
+            if isinstance(ours, str):
+                out[fill_pattern(ours, numbers)] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[key]
+                break
+            tensor = state[key]
+            if tensor.ndim == 0 or tensor.shape[0] % len(ours):
+                raise ValueError(f"checkpoint key {key!r} of shape {tuple(tensor.shape)} does not split into "
+                                 f"{len(ours)} equal parts")
+            for name, part in zip(ours, tensor.chunk(len(ours))):
+                if name is not None:
+                    out[fill_pattern(name, numbers)] = part
             break
         else:
-            raise ValueError(f"checkpoint key {key!r} is not in the {modality} key table")
+            raise ValueError(f"checkpoint key {key!r} is not in the {what} key table")
     return out
+
+
+def _convert(modality: str, state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Applies the v1 table of ``modality``."""
+    return convert_state(state, TABLES[modality], DROPPED[modality], HEADS[modality], modality)
 
 
 def _count(state: Mapping[str, Tensor], pattern: str) -> int:
@@ -307,21 +355,29 @@ def infer_config(modality: str, state: Mapping[str, Tensor], stored: Mapping[str
 
 
 def load_fairseq(path: Union[str, Path], modality: Optional[str] = None, **overrides: Any) -> Encoder:
-    """Our encoder for a data2vec v1 checkpoint (fairseq audio/text, BEiT-based vision).
+    """Our encoder for a data2vec checkpoint: v1 (fairseq audio/text, BEiT-based vision) or 2.0
+    (fairseq ``data2vec_multi`` audio, text, image).
 
-    ``overrides`` set config fields the checkpoint cannot tell (e.g. ``num_attention_heads``,
-    ``conv_stride`` for a non-standard CNN).
+    ``modality`` picks one when a 2.0 checkpoint holds several. ``overrides`` set config fields the
+    checkpoint cannot tell (e.g. ``num_attention_heads``, ``conv_stride`` for a non-standard CNN).
     """
     raw, stored = read_checkpoint(path)
     tensors = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
-    modality = modality or detect_modality(raw)
-    state = _convert(modality, tensors)
-    config = {**infer_config(modality, state, stored), **overrides}
+    version = "2.0" if any(k.startswith("modality_encoders.") for k in tensors) else "v1"
+    modality = modality or detect_checkpoint(raw)[1]
+    if version == "2.0":
+        from .fairseq2 import import_v2
+
+        state, config = import_v2(modality, tensors, stored)
+        config.update(overrides)
+    else:
+        state = _convert(modality, tensors)
+        config = {**infer_config(modality, state, stored), **overrides}
     if modality == "text":
         # fairseq's RoBERTa-style encoder has no token types: one all-zero row adds nothing.
         state["embeddings.token_type.weight"] = torch.zeros(1, config["hidden_size"])
     encoder = build_encoder(modality, config)
-    check_state(encoder.state_dict(), state, f"{path} ({modality} encoder inferred from its shapes)")
+    check_state(encoder.state_dict(), state, f"{path} (data2vec {version} {modality} encoder inferred from its shapes)")
     encoder.load_state_dict(state)
-    log.info("loaded %s encoder from %s (%d tensors)", modality, path, len(state))
+    log.info("loaded data2vec %s %s encoder from %s (%d tensors)", version, modality, path, len(state))
     return encoder.eval()
