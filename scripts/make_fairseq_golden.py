@@ -214,7 +214,7 @@ def _save_d2v2(out: Path, modality: str, model, cfg, io: dict) -> None:  # type:
 
 def d2v2_audio(out: Path) -> None:
     """ALiBi with a learned per-head scale (one head's scale pushed below 0: it must clamp to 0),
-    a 2-layer conv positional encoder, 1 prenet block + 1 main block."""
+    a 2-layer conv positional encoder, 1 prenet block + 1 main block; one full and one padded clip."""
     model, cfg = _d2v2_model(
         "audio", prenet=1, depth=1,
         modality_cfg_kwargs=dict(feature_encoder_spec=CONV2, conv_pos_width=10, conv_pos_depth=2, conv_pos_groups=4,
@@ -225,9 +225,13 @@ def d2v2_audio(out: Path) -> None:
     with torch.no_grad():
         enc.alibi_scale.copy_(torch.tensor([0.5, 1.5, -0.3, 1.0]).view(1, 1, HEADS, 1, 1))
     wav = torch.randn(2, 800, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(2, 800, dtype=torch.bool)
+    padding[1, 500:] = True  # the second clip is shorter: padded as a collater pads it
+    wav[padding] = 0.0
     with torch.no_grad():
-        res = model.extract_features(wav, mask=False)
-    _save_d2v2(out, "audio", model, cfg, {"inputs": wav, "last_hidden_state": res["x"].clone()})
+        res = model.extract_features(wav, padding_mask=padding, mask=False)
+    _save_d2v2(out, "audio", model, cfg, {"inputs": wav, "padding_mask": padding, "last_hidden_state": res["x"].clone(),
+                                          "output_padding_mask": res["padding_mask"].clone()})
 
 
 def d2v2_text(out: Path) -> None:

@@ -28,8 +28,8 @@ def _output(encoder, io: dict) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         out = encoder(io["inputs"], padding_mask=io.get("padding_mask")).last_hidden_state
     expected = io["last_hidden_state"]
-    if "padding_mask" in io:  # fairseq's T x B x C / B x T x C features: compare the real tokens
-        valid = ~io["padding_mask"]
+    if "padding_mask" in io:  # padded positions are don't-care: compare the real tokens / frames
+        valid = ~io.get("output_padding_mask", io["padding_mask"])
         return out[valid], expected[valid]
     return out, expected
 
@@ -56,6 +56,15 @@ def test_v2_import_uses_the_stored_config_and_drops_pretraining_parts() -> None:
     c = encoder.config
     assert (c.conv_stride, c.num_attention_heads, c.num_hidden_layers) == ([5, 2, 2], stored["num_heads"], 2)
     assert c.use_alibi and encoder.alibi_scale.tolist()[2] < 0  # stored as trained; clamped when used
+    # the reference leaves padded frames un-zeroed before the positional convolutions; zeroing them
+    # (v1 / transformers) changes the padded clip's real frames
+    io = torch.load(FIXTURES / "d2v2_audio_io.pt", weights_only=True)
+    assert not c.pos_conv_zero_padding and io["output_padding_mask"][1].any()
+    with torch.no_grad():
+        padded = encoder(io["inputs"], padding_mask=io["padding_mask"])
+    assert torch.equal(padded.padding_mask, io["output_padding_mask"])
+    out, expected = _output(load_fairseq(FIXTURES / "d2v2_audio.pt", pos_conv_zero_padding=True), io)
+    assert (out - expected).abs().max() > 1e-2
     vision = load_fairseq(FIXTURES / "d2v2_vision.pt").config
     assert vision.use_sincos_position_embeddings and not vision.norm_first and vision.image_size == 16
 

@@ -17,7 +17,8 @@ Facts the tables rely on (fairseq ``examples/data2vec/models``):
   encoder has the embedding layer norm only);
 - images: the fixed 2-D sin-cos table (stored, not trained) is added to the patches, the one extra
   token (CLS, without position) goes in front;
-- audio ALiBi: a per-head slope times ``-|i - j|`` times a learned scale clamped at 0.
+- audio ALiBi: a per-head slope times ``-|i - j|`` times a learned scale clamped at 0; padded frames
+  are not zeroed before the positional convolutions (``pos_conv_zero_padding=False``).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def infer_config_v2(modality: str, state: Mapping[str, Tensor], stored: Mapping[
         spec = _stored_modality(stored, modality).get("feature_encoder_spec")
         v1_like = {"conv_feature_layers": spec, "encoder_attention_heads": heads}
         config = infer_config("audio", state, v1_like)
-        config.update(use_alibi="alibi_scale" in state, layer_norm_eps=eps)
+        config.update(use_alibi="alibi_scale" in state, layer_norm_eps=eps, pos_conv_zero_padding=False)
         return config
     if modality == "text":
         config = infer_config("text", state, {"encoder_attention_heads": heads})

@@ -27,7 +27,8 @@ PREFIX = {"audio": "data2vec_audio.", "text": "data2vec_text.", "vision": "data2
 BASE_CLASS = {"audio": "Data2VecAudioModel", "text": "Data2VecTextModel", "vision": "Data2VecVisionModel"}
 
 # Our config fields that transformers' configs do not have (they are implied by the weights).
-_OUR_ONLY_FIELDS = {"extra", "add_pooling_layer", "do_normalize", "use_alibi", "use_sincos_position_embeddings", "norm_first"}
+_OUR_ONLY_FIELDS = {"extra", "add_pooling_layer", "do_normalize", "use_alibi", "use_sincos_position_embeddings", "norm_first",
+                    "pos_conv_zero_padding"}
 # Buffers older checkpoints saved and transformers ignores.
 _IGNORED_KEYS = ("relative_position_index", "embeddings.position_ids", "embeddings.token_type_ids")
 # Bookkeeping keys of a config.json that describe the file, not the network.
@@ -134,6 +135,9 @@ def no_transformers_equivalent(encoder: nn.Module) -> str | None:
     if getattr(config, "use_alibi", False):
         return ("this audio encoder uses ALiBi attention biases (data2vec 2.0), which transformers' "
                 "Data2VecAudioModel has no equivalent for: export it with format=safetensors")
+    if not getattr(config, "pos_conv_zero_padding", True):
+        return ("this audio encoder keeps padded frames un-zeroed before its positional convolutions (fairseq "
+                "data2vec 2.0), while transformers' Data2VecAudioModel zeroes them: export it with format=safetensors")
     if getattr(encoder, "modality", None) == "vision" and not getattr(config, "norm_first", True):
         return ("this vision encoder has post-norm blocks (data2vec 2.0), which transformers' "
                 "Data2VecVisionModel has no equivalent for: export it with format=safetensors")

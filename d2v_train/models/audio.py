@@ -50,6 +50,10 @@ class AudioEncoderConfig(EncoderConfig):
     # data2vec 2.0 audio: ALiBi attention biases with a learned per-head scale, on top of the conv
     # positions (no transformers equivalent: such an encoder exports to safetensors only)
     use_alibi: bool = False
+    # Padded frames are zeroed before the positional convolutions (v1 and transformers). fairseq's
+    # data2vec 2.0 encoder leaves them as the CNN made them (attention still ignores them), which
+    # changes the real frames next to the padding; imported 2.0 checkpoints set this to False.
+    pos_conv_zero_padding: bool = True
     # Input waveforms are normalised per utterance (zero mean, unit variance) by the data
     # pipeline; recorded here so fine-tuning and export use the same convention.
     do_normalize: bool = True
@@ -290,8 +294,8 @@ class AudioEncoder(EncoderBase):
         drop_masked: bool = False,
     ) -> EncoderOutput:
         """Masked frames take the learned mask embedding; padded frames are zeroed before the
-        positional convolutions, as transformers does. With one conv that keeps padding out of the
-        real frames; stacked convs see non-zero padded frames after the first (kept for parity), so
+        positional convolutions, as transformers does (not with ``pos_conv_zero_padding=False``,
+        fairseq 2.0's way). With one conv that keeps padding out of the real frames; stacked convs see non-zero padded frames after the first (kept for parity), so
         the reference batches crop to the shortest clip rather than pad.
 
         ``drop_masked`` (data2vec 2.0): masked frames are zeroed, the positional convs run over the
@@ -307,7 +311,7 @@ class AudioEncoder(EncoderBase):
             if self.mask_embedding is None:
                 raise ValueError("this audio encoder has no mask embedding (mask_time_prob and mask_feature_prob are 0)")
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
-        if padding_mask is not None:
+        if padding_mask is not None and self.config.pos_conv_zero_padding:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
         if drop_masked:
