@@ -91,7 +91,7 @@ def load_json(path: Path) -> dict[str, Any]:
 
 
 ACCEPTED_SOURCES = (
-    "a .ckpt written by d2v-pretrain or d2v-finetune, a fairseq / BEiT data2vec v1 .pt file, "
+    "a .ckpt written by d2v-pretrain or d2v-finetune, a fairseq / BEiT data2vec v1 or 2.0 .pt file, "
     "or a model directory with config.json (d2v-export or transformers)"
 )
 

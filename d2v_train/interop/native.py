@@ -37,7 +37,7 @@ def load_encoder(path: Union[str, Path], weights: str = "student") -> Encoder:
     - a ``d2v-pretrain`` run directory (its ``checkpoints/last.ckpt``) or any ``.ckpt`` of
       ``d2v-pretrain`` (``weights``: ``student`` or the EMA ``teacher``) or ``d2v-finetune`` (the
       task model's encoder);
-    - a transformers Data2Vec directory (bare or task model), a fairseq / BEiT data2vec v1 file.
+    - a transformers Data2Vec directory (bare or task model), a fairseq / BEiT data2vec v1 or fairseq 2.0 file.
 
     Everything but our own directory goes through ``interop.sources.load_source``, the reader that
     ``d2v-export`` and ``pretrained=`` use, so all three accept the same things.

@@ -5,7 +5,7 @@ Sources: a run directory (read as its ``checkpoints/last.ckpt``), a ``d2v-pretra
 ``teacher.model.*``), a ``d2v-finetune`` checkpoint (the task model is ``model.*``, its head
 settings in ``hyper_parameters["head"]``), our export directory (``encoder.safetensors`` +
 ``config.json``), a transformers Data2Vec directory (bare or task model), and a data2vec v1 file
-from fairseq or the BEiT-based vision release. Every file is read with ``weights_only=True`` or
+from fairseq or the BEiT-based vision release or a data2vec 2.0 file from fairseq. Every file is read with ``weights_only=True`` or
 safetensors. ``d2v-export`` and ``d2v-finetune pretrained=`` both read through here.
 """
 

@@ -2,7 +2,7 @@
 
 Any source ``d2v_train.interop.sources`` reads: a ``d2v-pretrain`` or ``d2v-finetune`` checkpoint,
 our export directory, a transformers directory (bare or task model: its head weights are kept when
-the fine-tuning head is the same class), or a fairseq / BEiT data2vec v1 file. Checkpoints are read
+the fine-tuning head is the same class), or a fairseq / BEiT data2vec v1 or 2.0 file. Checkpoints are read
 with ``weights_only=True``: a pickle never runs code here.
 """
 
