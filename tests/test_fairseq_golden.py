@@ -103,6 +103,9 @@ def test_v2_teacher_and_other_modalities_are_skipped(tmp_path: Path) -> None:
      r"positions' is not the fixed 2-D sin-cos table of a 4x4 grid"),
     ("d2v2_audio", lambda s, c: s.update({"modality_encoders.AUDIO.alibi_scale": torch.ones(2, 1, 4, 1, 1)}),
      r"alibi_scale' has shape \(2, 1, 4, 1, 1\): one ALiBi scale per layer"),
+    ("d2v2_audio", lambda s, c: s.update({"modality_encoders.AUDIO.alibi_scale": torch.ones(1, 1, 3, 1, 1)}),
+     r"alibi_scale' has shape \(1, 1, 3, 1, 1\); expected \(1, 1, 4 or 1, 1, 1\)"),
+    ("d2v2_vision", lambda s, c: s.pop("modality_encoders.IMAGE.extra_tokens"), r"no '.*extra_tokens' \(num_extra"),
     ("d2v2_text", lambda s, c: s.update({"modality_encoders.TEXT.context_encoder.norm.weight": torch.ones(32)}),
      r"context_encoder\.norm\.weight' cannot be imported: a second layer norm after the embeddings"),
     ("d2v2_text", lambda s, c: s.update({"norm.weight": torch.ones(32)}),
@@ -113,6 +116,12 @@ def test_v2_corrupt_or_unsupported_checkpoints_fail_in_one_line(tmp_path: Path, 
     with pytest.raises(ValueError, match=message) as err:
         load_fairseq(_rewrite(tmp_path, name, edit))
     assert "\n" not in str(err.value)
+
+
+def test_v2_alibi_scale_shared_by_all_heads_is_spread_over_them(tmp_path: Path) -> None:
+    path = _rewrite(tmp_path, "d2v2_audio",
+                    lambda s, c: s.update({"modality_encoders.AUDIO.alibi_scale": torch.full((1, 1, 1, 1, 1), 0.7)}))
+    assert load_fairseq(path).alibi_scale.tolist() == pytest.approx([0.7] * 4)
 
 
 def test_v2_checkpoint_exports_end_to_end(tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ def convert_state(
     dropped: Sequence[str],
     heads: Sequence[str],
     what: str,
-    refused: Mapping[str, str] = {},
+    refused: Optional[Mapping[str, str]] = None,
 ) -> dict[str, Tensor]:
     """Applies a key table. Every tensor must be mapped, dropped on purpose, or a head.
 
@@ -210,7 +210,7 @@ def convert_state(
     """
     dropped_re = [re.compile(p) for p in dropped]
     heads_re = [re.compile(p) for p in heads]
-    refused_re = [(re.compile(p), why) for p, why in refused.items()]
+    refused_re = [(re.compile(p), why) for p, why in (refused or {}).items()]
     compiled = [(tuple(compile_pattern(t) for t in theirs), theirs, ours) for theirs, ours in table]
     out: dict[str, Tensor] = {}
     used: set[str] = set()

@@ -176,9 +176,13 @@ def convert_v2(modality: str, state: Mapping[str, Tensor], stored: Mapping[str, 
     if modality == "audio":
         out = _renumber(out, _POS_FROM_1, "pos_conv.layers", -1)
         if "alibi_scale" in out:
-            out["alibi_scale"] = _alibi_scale(out["alibi_scale"], int(stored.get("num_heads") or 0))
+            hidden = out["feature_projection.proj.weight"].shape[0]
+            out["alibi_scale"] = _alibi_scale(out["alibi_scale"], int(stored.get("num_heads") or hidden // 64))
     if modality == "vision":
         _check_sincos(out.get(_SINCOS))  # kept (as a temporary name) for the grid size; import_v2 drops it
+        if "cls_token" not in out:
+            raise ValueError(f"data2vec 2.0 image checkpoint has no '{_I}.extra_tokens' (num_extra_tokens=0); "
+                             "our vision encoder has a CLS token")
         if out["cls_token"].shape[1] != 1:
             raise ValueError(f"checkpoint key '{_I}.extra_tokens' holds {out['cls_token'].shape[1]} extra tokens; "
                              "our vision encoder has one (CLS)")
@@ -186,8 +190,14 @@ def convert_v2(modality: str, state: Mapping[str, Tensor], stored: Mapping[str, 
 
 
 def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
-    """fairseq's ``(layers or 1, 1, heads or 1, 1, 1)`` scale -> our per-head ``(heads,)``."""
-    if scale.ndim != 5 or scale.shape[0] != 1:
+    """fairseq's ``(layers or 1, 1, heads or 1, 1, 1)`` scale (4-D in older files, without the layer
+    dimension) -> our per-head ``(heads,)``."""
+    if scale.ndim == 4:
+        scale = scale.unsqueeze(0)
+    if scale.ndim != 5 or scale.shape[1] != 1 or scale.shape[2] not in (1, heads) or scale.shape[3:] != (1, 1):
+        raise ValueError(f"checkpoint key '{_A}.alibi_scale' has shape {tuple(scale.shape)}; expected (1, 1, "
+                         f"{heads} or 1, 1, 1), a scale per head for {heads} heads")
+    if scale.shape[0] != 1:
         raise ValueError(f"checkpoint key '{_A}.alibi_scale' has shape {tuple(scale.shape)}: one ALiBi scale per "
                          "layer (learned_alibi_scale_per_layer=true); our audio encoder shares one per-head scale "
                          "across layers")
