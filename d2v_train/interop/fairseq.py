@@ -171,10 +171,15 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str
     return state, config
 
 
+def is_data2vec2(state: Mapping[str, Any]) -> bool:
+    """Whether the keys are those of fairseq's data2vec 2.0 model (``data2vec_multi``)."""
+    return any(k.startswith("modality_encoders.") for k in state)
+
+
 def detect_checkpoint(state: Mapping[str, Any]) -> tuple[str, str]:
     """``(version, modality)`` of a checkpoint from its key names: ``"2.0"`` for fairseq's
     ``data2vec_multi`` models (``modality_encoders.*``), else ``"v1"``."""
-    if any(k.startswith("modality_encoders.") for k in state):
+    if is_data2vec2(state):
         from .fairseq2 import detect_modality_v2
 
         return "2.0", detect_modality_v2(state)
@@ -363,7 +368,7 @@ def load_fairseq(path: Union[str, Path], modality: Optional[str] = None, **overr
     """
     raw, stored = read_checkpoint(path)
     tensors = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
-    version = "2.0" if any(k.startswith("modality_encoders.") for k in tensors) else "v1"
+    version = "2.0" if is_data2vec2(tensors) else "v1"
     modality = modality or detect_checkpoint(raw)[1]
     if version == "2.0":
         from .fairseq2 import import_v2
