@@ -70,8 +70,8 @@ def _wb(theirs: str, ours: str) -> list[Rule]:
 _A, _T, _I = (f"modality_encoders.{THEIRS[m]}" for m in ("audio", "text", "vision"))
 
 AUDIO_TABLE_V2: list[Rule] = [
-    (((f"{_A}.local_encoder.conv_layers.{{n}}.0.weight",), "feature_extractor.layers.{n}.conv.weight")),
-    (((f"{_A}.local_encoder.conv_layers.{{n}}.0.bias",), "feature_extractor.layers.{n}.conv.bias")),
+    ((f"{_A}.local_encoder.conv_layers.{{n}}.0.weight",), "feature_extractor.layers.{n}.conv.weight"),
+    ((f"{_A}.local_encoder.conv_layers.{{n}}.0.bias",), "feature_extractor.layers.{n}.conv.bias"),
     *_wb(f"{_A}.local_encoder.conv_layers.{{n}}.2.1", "feature_extractor.layers.{n}.norm"),
     *_wb(f"{_A}.project_features.1", "feature_projection.norm"),
     *_wb(f"{_A}.project_features.2", "feature_projection.proj"),
