@@ -70,7 +70,8 @@ def _compare(a: torch.Tensor, b: torch.Tensor, what: str, valid: torch.Tensor | 
     if valid is not None:
         a, b = a[valid], b[valid]
     diff = (a - b).abs().max().item()
-    assert diff <= TOL, f"{what}: max abs difference {diff}"
+    scale = max(1.0, a.abs().max().item())  # float32 rounding grows with the values (segmentation logits reach ~100)
+    assert diff <= TOL * scale, f"{what}: max abs difference {diff} (values up to {scale:.3g})"
 
 
 def _run(hf_cls, config, tmp_path, hf_inputs, our_inputs, *, fields=("logits", "loss"), valid=None):
