@@ -1,135 +1,125 @@
-"""Linear-probe accuracy against pretraining wall time, for comparing objectives (v1 vs 2.0).
+"""Linear-probe accuracy against training time: does data2vec 2.0 learn faster than v1?
 
-Usage:
-    python scripts/probe_curve.py --objectives d2v1_vision d2v2_vision --max-steps 200 --probe-every 20
-    python scripts/probe_curve.py --modality vision --overrides objective.clones=4 --out curves.csv
+    python scripts/probe_curve.py vision                     # default v1 run, then the default 2.0 run
+    python scripts/probe_curve.py text --every 25 -- trainer.max_steps=400     # overrides for both runs
+    python scripts/probe_curve.py audio --v2 objective.clones=4                # overrides for the 2.0 run only
 
-Each objective runs ``d2v-pretrain modality=<modality> objective=<objective>`` (its defaults: data,
-length, encoder) for ``--max-steps`` updates. Every ``--probe-every`` updates the student is frozen
-(eval mode), its mean-pooled final features are computed on the data module's labelled train / val
-split, and a logistic regression (scikit-learn) is fitted on train and scored on val. Wall time
-counts training only (probing is excluded). Prints and writes one row per probe:
-``objective, step, wall_s, probe_acc``. Needs a data module with labels (the default digits).
+Runs, one after the other (so they do not slow each other down), ``d2v-pretrain modality=M`` and
+``d2v-pretrain modality=M objective=d2v2_M`` with their defaults, the online probe every ``--every``
+updates. The probe is the run's own (``callbacks.probe``: the data module's labelled probe task,
+mean-pooled features, linear classifier); each probe row carries ``probe/train_s``, the seconds
+spent training so far with probing and validation left out. Prints both curves, the time 2.0 needs to
+reach the v1 run's final accuracy as a fraction of the v1 run's training time, and writes
+``curves.csv`` and ``curves.png`` into ``--out``. A run whose directory already holds
+``checkpoints/last.ckpt`` is not run again (delete the directory to re-measure).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import lightning as L
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from sklearn.linear_model import LogisticRegression
-from torch.utils.data import DataLoader
-
-from d2v_train.cli import config_dir
-from d2v_train.pretrain import build, validate_config
+Curve = list[tuple[int, float, float]]  # (update, training seconds, linear-probe accuracy)
 
 
-@torch.no_grad()
-def features(encoder: torch.nn.Module, dataset: Any, collate: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled final hidden states (prefix tokens such as CLS excluded) and labels."""
-    was = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    seen = 0
-    for batch in DataLoader(dataset, batch_size=128, collate_fn=collate):
-        out = encoder(batch["inputs"], padding_mask=batch.get("padding_mask"))
-        x = out.last_hidden_state[:, getattr(encoder, "num_prefix_tokens", 0):]
-        pad = out.padding_mask
-        if pad is not None:
-            keep = (~pad).unsqueeze(-1).float()
-            pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        else:
-            pooled = x.mean(1)
-        feats.append(pooled.float())
-        labels.append(torch.as_tensor(batch["labels"]))
-        seen += len(pooled)
-        if seen >= limit:
-            break
-    encoder.train(was)
-    return torch.cat(feats)[:limit], torch.cat(labels)[:limit]
+def run(modality: str, name: str, out: Path, every: int, overrides: list[str]) -> Path:
+    run_dir = out / name
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        print(f"{name}: {run_dir} already holds a finished run; reading it", flush=True)
+        return run_dir
+    cmd = [sys.executable, "-m", "d2v_train.pretrain", f"modality={modality}", f"hydra.run.dir={run_dir}",
+           f"callbacks.probe.every_n_updates={every}", "trainer.enable_progress_bar=false",
+           "trainer.enable_model_summary=false", "report=false", *overrides]  # fmt: skip
+    print("+ d2v-pretrain " + " ".join(cmd[3:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return run_dir
 
 
-def probe(encoder: torch.nn.Module, dm: Any, limit: int) -> float:
-    collate = getattr(dm, "collate_fn", None)
-    xtr, ytr = features(encoder, dm.train_set, collate, limit)
-    xva, yva = features(encoder, dm.val_set, collate, limit)
-    mean, std = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
-    clf = LogisticRegression(max_iter=2000).fit(((xtr - mean) / std).numpy(), ytr.numpy())
-    return float(clf.score(((xva - mean) / std).numpy(), yva.numpy()))
+def read_curve(run_dir: Path) -> tuple[Curve, Optional[float]]:
+    """The probe rows of a run's metrics.csv, and the random-init accuracy of its end-of-run row."""
+    curve: Curve = []
+    random_init = None
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("probe/random_init_linear_acc"):
+                random_init = float(row["probe/random_init_linear_acc"])
+            if row.get("probe/linear_acc") and row.get("probe/train_s"):
+                point = (int(row["step"]) + (0 if row.get("probe/random_init_linear_acc") else 1),
+                         float(row["probe/train_s"]), float(row["probe/linear_acc"]))
+                if not curve or point[0] > curve[-1][0]:
+                    curve.append(point)
+    if not curve:
+        raise SystemExit(f"{run_dir}/metrics.csv has no probe rows with probe/train_s: is the data module's "
+                         "probe task available, and callbacks.probe on?")  # fmt: skip
+    return curve, random_init
 
 
-class ProbeClock(L.Callback):
-    """Probes every ``every`` updates; accumulates training wall time between probes."""
-
-    def __init__(self, name: str, every: int, limit: int) -> None:
-        self.name, self.every, self.limit = name, every, limit
-        self.rows: list[dict[str, Any]] = []
-        self.train_s = 0.0
-        self._t = 0.0
-
-    def _record(self, trainer: L.Trainer, module: Any) -> None:
-        acc = probe(module.student, trainer.datamodule, self.limit)
-        row = dict(objective=self.name, step=trainer.global_step, wall_s=round(self.train_s, 2), probe_acc=acc)
-        self.rows.append(row)
-        print(f"{self.name:<14} step {row['step']:>5}  train wall {row['wall_s']:>8.1f} s  probe acc {acc:.4f}", flush=True)
-
-    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
-        self._record(trainer, module)
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
-            self.train_s += time.perf_counter() - self._t
-            self._record(trainer, module)
-            self._t = time.perf_counter()
+def time_to_reach(curve: Curve, accuracy: float) -> Optional[float]:
+    return next((t for _, t, acc in curve if acc >= accuracy), None)
 
 
-def run(modality: str, objective: str, args: Any, run_dir: Path) -> list[dict[str, Any]]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("pretrain", overrides=[
-            f"run_dir={run_dir}", f"modality={modality}", f"objective={objective}", f"trainer.max_steps={args.max_steps}",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks=none",
-            "logger=csv", *args.overrides])
-    GlobalHydra.instance().clear()
-    validate_config(cfg)
-    L.seed_everything(int(cfg.seed), verbose=False)
-    module, dm, trainer = build(cfg)
-    clock = ProbeClock(objective, args.probe_every, args.limit)
-    trainer.callbacks.append(clock)
-    trainer.fit(module, datamodule=dm)
-    return clock.rows
+def plot(curves: dict[str, Curve], random_init: Optional[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=name)
+    if random_init is not None:
+        ax.axhline(random_init, color="grey", linestyle=":", label="random init")
+    ax.set(xlabel="training time (s)", ylabel="linear-probe accuracy", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    both = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modality", default="vision")
-    parser.add_argument("--objectives", nargs="+", default=None, help="default: d2v1_<modality> d2v2_<modality>")
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--probe-every", type=int, default=20)
-    parser.add_argument("--limit", type=int, default=2000, help="labelled samples per split for the probe")
-    parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
-    parser.add_argument("--run-dir", default="runs/probe_curve")
-    parser.add_argument("--out", default=None, help="CSV file for the rows")
+    parser.add_argument("modality", choices=["vision", "text", "audio"])
+    parser.add_argument("--every", type=int, default=50, help="probe every N updates")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/probe_curve/<modality>")
+    parser.add_argument("--v1", nargs="*", default=[], help="overrides for the v1 run only")
+    parser.add_argument("--v2", nargs="*", default=[], help="overrides for the 2.0 run only")
     args = parser.parse_args(argv)
-    objectives = args.objectives or [f"d2v1_{args.modality}", f"d2v2_{args.modality}"]
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
-    rows: list[dict[str, Any]] = []
-    for objective in objectives:
-        rows += run(args.modality, objective, args, Path(args.run_dir) / objective)
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return rows
+    out = (args.out or Path("runs/probe_curve") / args.modality).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    names = {"v1": [*both, *args.v1], "2.0": [f"objective=d2v2_{args.modality}", *both, *args.v2]}
+    curves: dict[str, Curve] = {}
+    random_init = None
+    for name, overrides in names.items():
+        curves[name], random_init = read_curve(run(args.modality, name, out, args.every, overrides))
+
+    with (out / "curves.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["objective", "update", "train_s", "linear_acc"])
+        for name, curve in curves.items():
+            writer.writerows((name, *point) for point in curve)
+    plot(curves, random_init, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)")
+
+    print(f"\n{args.modality}: linear probe ({'random init %.3f' % random_init if random_init is not None else ''})")
+    for name, curve in curves.items():
+        print(f"  {name:>4}: " + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
+    v1_acc, v1_time = curves["v1"][-1][2], curves["v1"][-1][1]
+    reach = time_to_reach(curves["2.0"], v1_acc)
+    if reach is None:
+        print(f"2.0 never reached the v1 run's final accuracy {v1_acc:.3f} "
+              f"(best {max(a for _, _, a in curves['2.0']):.3f} in {curves['2.0'][-1][1]:.0f} s)")  # fmt: skip
+    else:
+        print(f"2.0 reached the v1 run's final accuracy {v1_acc:.3f} after {reach:.0f} s of training: "
+              f"{reach / v1_time:.2f} x the v1 run's {v1_time:.0f} s (goal <= 0.5)")  # fmt: skip
+    print(f"curves: {out / 'curves.csv'}, {out / 'curves.png'}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,12 @@ def compose_cfg(run_dir: Path, *overrides: str) -> Any:
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "metrics.csv").open(newline="") as f:
-        return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if not k.endswith(("_per_s", "/train_s"))} for r in csv.DictReader(f)]  # timings
+
+
+def train_seconds(run_dir: Path) -> list[float]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [float(r["probe/train_s"]) for r in csv.DictReader(f) if r.get("probe/train_s")]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +169,8 @@ def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str])
     assert all(0.0 <= float(r["probe/knn_acc"]) <= 1.0 for r in probes)
     assert probes[-1]["probe/random_init_linear_acc"] and probes[-1]["probe/random_init_knn_acc"]
     assert not probes[0]["probe/random_init_linear_acc"]
+    clock = train_seconds(run_dir)  # training time at each probe, for accuracy-against-time curves
+    assert len(clock) == 3 and 0 < clock[0] <= clock[1] <= clock[2]
     vals = [r for r in table if r.get("val/loss")]
     assert len(vals) == 2 and all(float(r["val/loss"]) > 0 for r in vals)
     train_rows = [r for r in table if r.get("train/loss")]
@@ -224,8 +231,11 @@ def test_probe_and_validation_leave_the_run_unchanged_and_resume_exactly(tiny_ru
     b = load_checkpoint_safely(tmp_path / "plain" / "checkpoints" / "last.ckpt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
     pretrain.train(compose_cfg(tmp_path / "resumed", "trainer.max_steps=2", "report=false"))
+    first = train_seconds(tmp_path / "resumed")
     pretrain.train(compose_cfg(tmp_path / "resumed", "trainer.max_steps=4", "report=false"))
     assert rows(tmp_path / "resumed") == rows(run_dir)
+    clock = train_seconds(tmp_path / "resumed")  # the training clock carries over the resume
+    assert clock[0] == first[0] and clock[-1] > first[-1]
 
 
 # ------------------------------------------------------------------------------------------ d2v-eval

@@ -126,6 +126,10 @@ class OnlineProbe(L.Callback):
     ``probe/random_init_linear_acc`` / ``probe/random_init_knn_acc``, prints one comparison line and
     a WARNING when pretraining did not beat it.
 
+    Each probe row also carries ``probe/train_s``: seconds of training so far, probing and
+    validation left out and carried across resumes, so runs of different objectives can be compared
+    by accuracy against the time they trained (``scripts/probe_curve.py``).
+
     Off (silently) when the data module has no ``probe_sets()``. On rank 0 only.
     """
 
@@ -154,6 +158,32 @@ class OnlineProbe(L.Callback):
         self.seconds = 0.0  # time spent probing
         self._last_step = -1
         self._last: dict[str, float] = {}
+        self.train_s = 0.0  # training wall time before this process's start (from a resumed checkpoint)
+        self._start = 0.0  # perf_counter at this process's train start
+        self._paused = 0.0  # seconds of this process spent probing or validating
+        self._val_start: Optional[float] = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_s": self._train_seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_s = float(state.get("train_s", 0.0))
+
+    def _train_seconds(self) -> float:
+        if not self._start:
+            return self.train_s
+        return self.train_s + time.perf_counter() - self._start - self._paused
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._start, self._paused = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._val_start is not None:
+            self._paused += time.perf_counter() - self._val_start
+        self._val_start = None
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self.probe = None
@@ -183,9 +213,11 @@ class OnlineProbe(L.Callback):
 
     def _run(self, pl_module: Any) -> dict[str, float]:
         start = time.perf_counter()
+        trained = self._train_seconds()
         out = self.evaluate(pl_module.student)
         self.seconds += time.perf_counter() - start
-        return out
+        self._paused += time.perf_counter() - start
+        return {**out, "train_s": trained}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

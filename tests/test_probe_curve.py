@@ -1,0 +1,40 @@
+"""scripts/probe_curve.py runs a v1 and a 2.0 run and reads their probe-vs-time curves (tiny size,
+no figures asserted: the real curves are measurements, not tests)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_curve.py"
+
+
+def test_probe_curve_runs_both_objectives_and_writes_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("probe_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["vision", "--every", "2", "--out", str(tmp_path), "--", "trainer.max_steps=4", "data.batch_size=16"])
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "curves.csv").open()))
+    for name in ("v1", "2.0"):
+        curve = [r for r in rows if r["objective"] == name]
+        assert [int(r["update"]) for r in curve] == [2, 4]
+        times = [float(r["train_s"]) for r in curve]
+        assert 0 < times[0] < times[1]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "2.0 reached" in printed or "2.0 never reached" in printed
+    # a finished run is read, not run again
+    module.main(["vision", "--every", "2", "--out", str(tmp_path), "--", "trainer.max_steps=4", "data.batch_size=16"])
+    assert "already holds a finished run" in capsys.readouterr().out
+
+
+def test_time_to_reach() -> None:
+    spec = importlib.util.spec_from_file_location("probe_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    curve = [(50, 10.0, 0.5), (100, 20.0, 0.8), (150, 30.0, 0.9)]
+    assert module.time_to_reach(curve, 0.8) == 20.0
+    assert module.time_to_reach(curve, 0.95) is None
