@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from d2v_train.lightning import Data2VecPretraining
 from d2v_train.lightning.optim import OptimConfig, param_groups
-from d2v_train.models import build_encoder
+from d2v_train.models import ENCODERS, build_encoder
 from d2v_train.models.positions import alibi_bias, alibi_slopes, sincos_2d
 from d2v_train.models.visible import gather_tokens, keep_index, scatter_tokens
 from d2v_train.objective.config import DecoderConfig
@@ -294,24 +294,44 @@ def test_preset_composes_and_a_short_run_lowers_the_loss(modality: str, tmp_path
         ("d2v2_audio_base_librispeech", dict(clones=8, top_k=8, dim=384, lr=7.5e-4, anneal=75000, kind="block_1d", gpus=8)),
         ("d2v2_vision_base_imagenet", dict(clones=16, top_k=10, dim=768, lr=1e-3, anneal=100000, kind="inverse_block", gpus=16)),
         ("d2v2_text_base", dict(clones=8, top_k=12, dim=768, lr=2e-4, anneal=100000, kind="random", gpus=16)),
+        ("d2v2_audio_large_librilight", dict(clones=12, top_k=16, dim=768, lr=4e-4, anneal=300000, kind="block_1d", gpus=48)),
+        ("d2v2_vision_large_imagenet", dict(clones=16, top_k=18, dim=1024, lr=4e-4, anneal=150000, kind="inverse_block", gpus=16)),
+        ("d2v2_text_large", dict(clones=8, top_k=24, dim=768, lr=1e-4, anneal=100000, kind="random", gpus=32)),
     ],
 )
-def test_base_recipes_carry_the_published_values(option: str, expected: dict[str, Any], tmp_path: Path) -> None:
+def test_recipes_carry_the_published_values(option: str, expected: dict[str, Any], tmp_path: Path) -> None:
     cfg = compose_cfg([f"experiment={option}", "data.path=/nonexistent"], tmp_path)
     validate_config(cfg)
     obj = cfg.objective
     assert (obj.version, obj.clones, obj.top_k, obj.decoder.dim) == (2, expected["clones"], expected["top_k"], expected["dim"])
     assert cfg.optim.lr == pytest.approx(expected["lr"]) and obj.ema.anneal_steps == expected["anneal"]
     assert cfg.masking.kind == expected["kind"] and cfg.trainer.num_nodes * cfg.trainer.devices == expected["gpus"]
+    # the tiny modality presets' EMA caps must not leak into a published recipe: its decays are taken as written
+    assert obj.ema.get("max_horizon") is None and obj.ema.get("anneal_fraction") is None
     enc = OmegaConf.to_container(cfg.encoder, resolve=True)
-    assert obj.top_k <= enc["num_hidden_layers"] == 12 and enc["hidden_size"] == 768
+    ENCODERS[cfg.modality][1].from_dict(enc)  # type: ignore[arg-type]
+    large = "_large" in option
+    assert (enc["num_hidden_layers"], enc["hidden_size"], enc["num_attention_heads"]) == ((24, 1024, 16) if large else (12, 768, 12))
+    assert obj.top_k <= enc["num_hidden_layers"] and enc["intermediate_size"] == 4 * enc["hidden_size"]
+    assert cfg.trainer.precision == "16-mixed"
     if cfg.modality == "audio":
-        assert enc["use_alibi"] and cfg.data.max_tokens == 1_000_000
+        assert enc["use_alibi"] and enc["mask_time_prob"] == 0.0
+        assert cfg.data.max_tokens == (320_000 if large else 1_000_000)
+        assert (cfg.masking.mask_prob, cfg.masking.mask_adjust) == ((0.55, 0.1) if large else (0.5, 0.05))
+        assert (obj.ema.decay, obj.ema.end_decay) == ((0.9997, 1.0) if large else (0.999, 0.99999))
+        assert enc["layerdrop"] == (0.0 if large else 0.05)
+        assert cfg.trainer.gradient_clip_val == (1.0 if large else None)
     if cfg.modality == "vision":
         assert enc["use_sincos_position_embeddings"] and not enc["norm_first"] and obj.cls_loss == 0.01
-        assert cfg.data.batch_size * 16 == 256 and cfg.optim.betas == [0.9, 0.95]
+        assert enc["drop_path_rate"] == 0.0 and enc["attention_probs_dropout_prob"] == 0.0
+        assert cfg.data.batch_size * 16 == (128 if large else 256) and cfg.optim.betas == [0.9, 0.95]
+        decoder = (obj.decoder.kernel, obj.decoder.layers, obj.decoder.groups)
+        assert decoder == ((5, 3, 16) if large else (3, 6, 16))
+        assert (cfg.masking.mask_prob, cfg.masking.mask_adjust) == ((0.75, 0.1) if large else (0.8, 0.07))
     if cfg.modality == "text":
         assert not obj.decoder.residual and obj.decoder.projection_layers == 2 and obj.loss_scale == 1.0
+        assert cfg.data.batch_size * expected["gpus"] == 64 and cfg.masking.mask_prob == (0.5 if large else 0.48)
+        assert (obj.layer_norm, obj.final_norm) == (("layer", "instance") if large else ("instance", "none"))
 
 
 # ------------------------------------------------------------------------------- afterwards: a normal encoder
