@@ -165,6 +165,21 @@ def test_alibi_reaches_attention_and_its_scale_learns_without_weight_decay() -> 
     assert id(enc.alibi_scale) in no_decay
 
 
+def test_cls_token_init_is_the_2_0_references_for_the_2_0_layout_only() -> None:
+    # data2vec 2.0 draws its image CLS from N(0, 1); the BEiT/v1 layout keeps truncated N(0, 0.02)
+    layout = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/encoder/vision_large_v2.yaml"))
+    small = dict(num_hidden_layers=1, intermediate_size=64, image_size=32)
+    stds = {}
+    for name, extra in (("v2", {}), ("v1", dict(use_sincos_position_embeddings=False, norm_first=True))):
+        torch.manual_seed(0)
+        cls = build_encoder("vision", {**layout, **small, **extra}).cls_token.detach()  # type: ignore[dict-item]
+        assert cls.shape == (1, 1, 1024)
+        stds[name] = cls.std().item()
+        if name == "v2":
+            assert abs(cls.mean().item()) < 0.1 and cls.abs().max() > 2.5  # N(0, 1), not cut at +-2 as trunc_normal_ cuts by default
+    assert stds["v2"] == pytest.approx(1.0, abs=0.08) and stds["v1"] == pytest.approx(0.02, abs=0.003)
+
+
 def test_sincos_positions_are_fixed_and_distinct() -> None:
     pos = sincos_2d(16, (3, 5))
     assert pos.shape == (1, 15, 16)

@@ -131,12 +131,20 @@ class VisionEncoder(EncoderBase):
 
     def reset_parameters(self) -> None:
         """data2vec-vision / BEiT init: truncated normal (std ``initializer_range``) linears, then
-        the per-block rescale of the residual-branch outputs by 1/sqrt(2 * block)."""
+        the per-block rescale of the residual-branch outputs by 1/sqrt(2 * block).
+
+        With the 2.0 image embedding (fixed sin-cos positions) the CLS token is drawn from N(0, 1)
+        as data2vec 2.0 draws its extra token (``init_extra_token_zero: false`` in its image configs),
+        not at ``initializer_range``: behind the post-norm stack's input layer norm the scale mostly
+        sets how fast Adam turns the token (a step of size lr is 50x smaller relative to a std-1 token
+        than to a std-0.02 one)."""
         self.apply(lambda m: init_weights(m, self.config.initializer_range, truncated=True))
         rescale_residual_branches(self.transformer)
         for param in (self.cls_token, self.mask_token, self.pos_embed):
             if param is not None:
                 nn.init.trunc_normal_(param, std=self.config.initializer_range)
+        if self.config.use_sincos_position_embeddings:
+            nn.init.normal_(self.cls_token, std=1.0)
 
     def interpolated_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Absolute positions for another grid size: patch positions resized bicubically."""
