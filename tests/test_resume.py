@@ -46,7 +46,7 @@ SMALL = [
     f"optim.total_steps={2 * N}", "optim.warmup_steps=2",
 ]
 TINY = [*SMALL, "encoder.drop_path_rate=0.2"]  # vision (the default modality)
-THROUGHPUT = {"train/samples_per_s", "train/tokens_per_s"}  # wall-clock: the only columns that may differ
+THROUGHPUT = {"train/samples_per_s", "train/tokens_per_s", "probe/train_s"}  # wall-clock: the only columns that may differ
 
 
 def compose_cfg(run_dir: Path, *overrides: str, base: Optional[list[str]] = None) -> Any:
