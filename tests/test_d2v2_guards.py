@@ -92,6 +92,11 @@ def test_padding_content_cannot_change_the_loss(modality: str) -> None:
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     for key in ("target_std", "pred_std", "tokens"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    if modality == "text":  # the statistics count real tokens, per clone
+        batch_size = batch["inputs"].shape[0]
+        assert int(a["tokens"]) == 2 * int((~pad).sum()) and a["pairs"] == 2 * batch_size
+        kept = int((~a["mask"]).sum(1)[0])  # same count in every row
+        assert a["encoded"] == 2 * batch_size * kept
 
 
 def test_masks_and_noise_come_from_the_run_generator_only() -> None:
