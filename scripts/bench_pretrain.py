@@ -20,7 +20,15 @@ process's resident peak during the step, via /proc/self/clear_refs, so memory re
 earlier variant is not counted), and achieved FLOP/s (FLOPs counted by torch's FlopCounterMode for
 one update) as a fraction of a matmul peak measured here. Dropouts, layerdrop and drop path are off
 in every variant, so the work compared is the network and the objective.
-"""
+
+``--reference-python PATH`` also times the reference data2vec 2.0 code (fairseq
+``Data2VecMultiModel``): after our variants of each modality and size it runs
+``scripts/bench_reference_d2v2.py`` with that interpreter (a separate environment that has fairseq;
+its torch may differ from ours, both versions are printed) on the same batch, M, step count and
+thread count, prints its row under ours (no memory or FLOP columns) and the ratio of our 2.0 at
+the preset M to it in (sample x mask) pairs/s. It runs in its own process, after ours, so it is not
+interleaved with our variants; its masks for audio and images are drawn outside the timed update,
+as the reference's data loader draws them (the time is printed apart).
 
 from __future__ import annotations
 
@@ -28,7 +36,11 @@ import argparse
 import copy
 import math
 import os
+import gc
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -325,6 +337,30 @@ def bench(modality: str, size: str, args: Any) -> list[Variant]:
     return variants
 
 
+REFERENCE_SCRIPT = Path(__file__).resolve().parent / "bench_reference_d2v2.py"
+
+
+def reference_row(modality: str, size: str, args: Any) -> dict[str, Any]:
+    """Runs the reference 2.0 benchmark in ``args.reference_python`` and returns its JSON row."""
+    cmd = [args.reference_python, str(REFERENCE_SCRIPT), "--modality", modality, "--size", size,
+           "--batch", str(args.batch), "--seconds", str(args.seconds), "--length", str(args.length),
+           "--steps", str(args.steps), "--threads", str(torch.get_num_threads()), "--device", args.device.type,
+           "--dtype", args.dtype]
+    if args.clones is not None:
+        cmd += ["--clones", str(args.clones)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the reference venv imports nothing of ours
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"--reference-python {args.reference_python}: {REFERENCE_SCRIPT.name} failed for "
+                         f"{modality} {size} (exit {proc.returncode}): {tail}")
+    row = json.loads(lines[-1])
+    row.update(peak_mb=float("nan"), flops_s=float("nan"), frac_peak=float("nan"))
+    return row
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SIZES))
@@ -338,7 +374,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer stacks and decoder")
     parser.add_argument("--no-naive", action="store_true", help="skip the transformers loop")
+    parser.add_argument("--reference-python", default=None, metavar="PATH",
+                        help="a Python with fairseq: also time the reference data2vec 2.0 code (see above)")
     args = parser.parse_args(argv)
+    if args.reference_python is not None and not os.access(args.reference_python, os.X_OK):
+        parser.error(f"--reference-python {args.reference_python}: not an executable file")
     args.device = torch.device(args.device)
     args.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     peak = matmul_peak(args.device, args.torch_dtype)
@@ -373,6 +413,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 line += f"; peak MB 2.0 M=1 / naive = {base['ours 2.0 M=1']['peak_mb'] / max(naive['peak_mb'], 1e-9):.2f}"
             print(line, flush=True)
             del variants  # free this pair of models before the next one is built
+            if args.reference_python is not None:
+                gc.collect()
+                ref = reference_row(modality, size, args)
+                rows.append(ref)
+                print(f"{modality:<7} {size:<5} {ref['variant']:<24} {ref['step_s']:>8.4f} {ref['samples_s']:>10.2f} "
+                      f"{ref['pairs_s']:>9.2f} {ref['tokens_s']:>10.0f} {'-':>9} {'-':>9} {'-':>8}", flush=True)
+                print(f"  -> {modality} {size}: ours {m_name[5:]} / reference {ref['variant'][10:]} pairs/s = "
+                      f"{base[m_name]['pairs_s'] / ref['pairs_s']:.2f}x (ours torch {torch.__version__}, reference "
+                      f"torch {ref['torch']}, threads {torch.get_num_threads()} / {ref['threads']}; reference masks "
+                      f"{ref['masked_per_row']:g} per row, drawn outside its step in {ref['mask_s']:.4f} s)", flush=True)
     return rows
 
 
