@@ -29,18 +29,18 @@ thread count, prints its row under ours (no memory or FLOP columns) and the rati
 the preset M to it in (sample x mask) pairs/s. It runs in its own process, after ours, so it is not
 interleaved with our variants; its masks for audio and images are drawn outside the timed update,
 as the reference's data loader draws them (the time is printed apart).
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
-import os
 import gc
 import json
+import math
+import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -36,7 +36,6 @@ builds them. The last output line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -45,7 +44,6 @@ import time
 import types
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 VOCAB = 8000  # bench_pretrain.py's text vocabulary
@@ -69,39 +67,20 @@ TINY_CNN = "[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64,2,2)] + [(64,2,2)]"
 
 
 def import_reference() -> types.SimpleNamespace:
-    """The reference 2.0 modules, importable under Python >= 3.11 and numpy >= 1.24.
+    """The reference 2.0 modules, through ``make_fairseq_golden.py``'s import workarounds (Python
+    >= 3.11 dataclass defaults, the removed ``np.float``, the ``examples`` top-level package)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_fairseq_golden import _import_data2vec2
 
-    Their config dataclasses use dataclass instances as field defaults, which Python >= 3.11 refuses
-    (unhashable defaults count as mutable): every dataclass created from here on gets
-    ``object.__hash__``. ``mae.py`` uses the removed ``np.float`` alias. The modules import themselves
-    as the top-level package ``examples``.
-    """
-    if not getattr(dataclasses, "_d2v_hashable", False):
-        process = dataclasses._process_class  # type: ignore[attr-defined]
-
-        def hashable(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = process(cls, *args, **kwargs)
-            if out.__hash__ is None:
-                out.__hash__ = object.__hash__
-            return out
-
-        dataclasses._process_class = hashable  # type: ignore[attr-defined]
-        dataclasses._d2v_hashable = True  # type: ignore[attr-defined]
-    if "float" not in np.__dict__:
-        np.float = float  # type: ignore[attr-defined]
-    import fairseq
+    names = ("Modality", "D2vModalitiesConfig", "Data2VecMultiConfig", "Data2VecMultiModel", "D2vAudioConfig",
+             "D2vImageConfig", "D2vTextConfig", "D2vDecoderConfig")
+    ref = types.SimpleNamespace(**dict(zip(names, _import_data2vec2())))
     from fairseq.data import Dictionary
     from fairseq.data.data_utils import compute_block_mask_1d, compute_block_mask_2d
 
-    sys.path.insert(0, os.path.dirname(fairseq.__file__))
-    from examples.data2vec.data.modality import Modality
-    from examples.data2vec.models.data2vec2 import D2vModalitiesConfig, Data2VecMultiConfig, Data2VecMultiModel
-    from examples.data2vec.models.modalities.audio import D2vAudioConfig
-    from examples.data2vec.models.modalities.images import D2vImageConfig
-    from examples.data2vec.models.modalities.modules import D2vDecoderConfig
-    from examples.data2vec.models.modalities.text import D2vTextConfig
-
-    return types.SimpleNamespace(**locals())
+    ref.Dictionary, ref.compute_block_mask_1d, ref.compute_block_mask_2d = (
+        Dictionary, compute_block_mask_1d, compute_block_mask_2d)
+    return ref
 
 
 def build_model(ref: types.SimpleNamespace, modality: str, size: str, clones: Optional[int]) -> tuple[Any, int, Any]:
