@@ -46,3 +46,31 @@ def test_training_step_hands_the_batch_padding_to_the_objective(monkeypatch: pyt
     model.training_step(batch, 0)
     assert seen[0] is batch["padding_mask"]
     assert model.last_stats["samples"] == batch["inputs"].shape[0]
+
+
+def test_v1_text_padding_content_cannot_change_the_loss() -> None:
+    """Student and teacher both get the padding mask; without one, text padding is found by id."""
+    model = module_for("text")
+    batch = fixed_batch("text")
+    ids, pad = batch["inputs"], batch["padding_mask"]
+    other = ids.clone()
+    other[pad] = torch.randint(5, 64, (int(pad.sum()),), generator=torch.Generator().manual_seed(3))
+
+    def loss(inputs: torch.Tensor, padding: Any) -> torch.Tensor:
+        return model.compute_objective(inputs, padding, torch.Generator().manual_seed(0))["loss"]
+
+    reference = loss(ids, pad)
+    torch.testing.assert_close(loss(other, pad), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss(ids, None), reference)  # padding derived from the pad id
+
+
+def test_teacher_init_weight_is_the_product_of_the_decays_and_the_lr_steps_every_update() -> None:
+    from test_pretrain import run
+
+    model = module_for("vision")
+    run(model, fixed_batch("vision"), steps=4)
+    expected = 1.0
+    for step in range(1, 5):
+        expected *= model.ema_decay(step)
+    assert model.teacher_init_weight == pytest.approx(expected, rel=1e-9)
+    assert model.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # one scheduler step per update
