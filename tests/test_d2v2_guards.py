@@ -110,3 +110,15 @@ def test_masks_and_noise_come_from_the_run_generator_only() -> None:
     assert torch.equal(first["mask"], again["mask"]) and torch.equal(first["loss"], again["loss"])
     other = objective(model, batch, seed=1)
     assert not torch.equal(first["mask"], other["mask"])
+
+
+def test_2_0_needs_the_same_masked_count_in_every_row() -> None:
+    """Random and 1-D block masks must be drawn with require_same_masks; inverse blocks always are."""
+    torch.manual_seed(0)
+    model = v2_module("text", clones=2)
+    model.masking.require_same_masks = False
+    with pytest.raises(ValueError, match="same number of masked tokens in every row.*require_same_masks=true, got 'random'"):
+        objective(model, fixed_batch("text"))
+    vision = v2_module("vision", clones=2)
+    vision.masking.require_same_masks = False  # inverse blocks are exact anyway
+    assert torch.isfinite(objective(vision, fixed_batch("vision"))["loss"])
