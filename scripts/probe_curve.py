@@ -63,7 +63,7 @@ def time_to_reach(curve: Curve, accuracy: float) -> Optional[float]:
     return next((t for _, t, acc in curve if acc >= accuracy), None)
 
 
-def plot(curves: dict[str, Curve], random_init: Optional[float], path: Path, title: str) -> None:
+def plot(curves: dict[str, Curve], random_init: dict[str, Optional[float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,9 +71,9 @@ def plot(curves: dict[str, Curve], random_init: Optional[float], path: Path, tit
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
-        ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=name)
-    if random_init is not None:
-        ax.axhline(random_init, color="grey", linestyle=":", label="random init")
+        line, = ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=name)
+        if random_init.get(name) is not None:
+            ax.axhline(random_init[name], color=line.get_color(), linestyle=":", label=f"{name} at random init")
     ax.set(xlabel="training time (s)", ylabel="linear-probe accuracy", title=title)
     ax.legend()
     fig.tight_layout()
@@ -97,9 +97,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     names = {"v1": [*both, *args.v1], "2.0": [f"objective=d2v2_{args.modality}", *both, *args.v2]}
     curves: dict[str, Curve] = {}
-    random_init = None
+    random_init: dict[str, Optional[float]] = {}  # each objective's architecture at random init
     for name, overrides in names.items():
-        curves[name], random_init = read_curve(run(args.modality, name, out, args.every, overrides))
+        curves[name], random_init[name] = read_curve(run(args.modality, name, out, args.every, overrides))
 
     with (out / "curves.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -108,9 +108,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             writer.writerows((name, *point) for point in curve)
     plot(curves, random_init, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)")
 
-    print(f"\n{args.modality}: linear probe ({'random init %.3f' % random_init if random_init is not None else ''})")
+    print(f"\n{args.modality}: linear probe at update@training seconds")
     for name, curve in curves.items():
-        print(f"  {name:>4}: " + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
+        rnd = random_init[name]
+        print(f"  {name:>4} (random init {'-' if rnd is None else f'{rnd:.3f}'}): "
+              + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
     v1_acc, v1_time = curves["v1"][-1][2], curves["v1"][-1][1]
     reach = time_to_reach(curves["2.0"], v1_acc)
     if reach is None:
