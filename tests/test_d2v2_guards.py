@@ -31,8 +31,9 @@ def test_cls_loss_is_its_weight_times_the_clone_sum(settings: dict[str, Any], mo
     contextualize, teacher_targets = model.student.contextualize, multimask.teacher_targets
 
     def spy_student(*args: Any, **kwargs: Any) -> Any:
-        seen["hidden"] = contextualize(*args, **kwargs).last_hidden_state
-        return contextualize(*args, **kwargs)
+        out = contextualize(*args, **kwargs)
+        seen["hidden"] = out.last_hidden_state
+        return out
 
     def spy_teacher(*args: Any, **kwargs: Any) -> Any:
         seen["targets"] = teacher_targets(*args, **kwargs)
