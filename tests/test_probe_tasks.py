@@ -86,3 +86,29 @@ def test_speech_probe_holds_out_voices_and_labels_the_spoken_word(tmp_path: Path
     assert sorted(batch["labels"].tolist()) == [0, 1, 2]
     with pytest.raises(ValueError, match="disjoint"):
         SpeechDataModule(cache_dir=str(tmp_path), accents=["en-us"], probe_accents=["en-us"])
+
+
+@needs_espeak
+def test_grown_speech_corpus_leaves_the_probe_alone_and_is_synthesised_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2v_train.data.espeak as espeak
+
+    calls: list[str] = []
+    real = espeak.synthesize
+    monkeypatch.setattr(espeak, "synthesize", lambda u, binary: (calls.append(u.voice), real(u, binary))[1])
+    grown = dict(words=["yes"], accents=["en-us"], variants=["m1", "f1", "m2"], rates=[170, 150], pitches=[50],
+                 probe_variants=["m1", "f1"], probe_rate=150, probe_accents=["en-029"], synth_threads=2)  # fmt: skip
+    dm = SpeechDataModule(cache_dir=str(tmp_path), **grown)
+    dm.setup()
+    assert len(dm.train_set) == 6 and len(calls) == 6  # 3 variants x 2 rates, no held-out accent
+    assert not any("en-029" in f.name for f in dm.corpus_dir().rglob("*.wav"))
+    # the probe is the small corpus's: its variants, one rate, whatever the pretraining corpus holds
+    small = SpeechDataModule(cache_dir=str(tmp_path), words=["yes"], accents=["en-us"], variants=["m1", "f1"], probe_accents=["en-029"])
+    assert dm.probe_voices() == small.probe_voices() == (["en-us+m1", "en-us+f1"], ["en-029+m1", "en-029+f1"])
+    assert dm.probe_clip("yes", "en-us+m1") == small.probe_clip("yes", "en-us+m1")
+    # a second module on the same cache synthesises nothing
+    calls.clear()
+    again = SpeechDataModule(cache_dir=str(tmp_path), **grown)
+    again.setup()
+    assert calls == [] and len(again.train_set) == 6
+    with pytest.raises(ValueError, match="probe_variants"):
+        SpeechDataModule(cache_dir=str(tmp_path), probe_variants=[])

@@ -319,6 +319,9 @@ class SpeechDataModule(AudioDataModule):
         pitches: Sequence[int] = (50,),
         val_accents: Sequence[str] | None = None,
         probe_accents: Sequence[str] | None = None,
+        probe_variants: Sequence[str] | None = None,
+        probe_rate: int | None = None,
+        probe_pitch: int | None = None,
         num_sentences: int = 200,
         sentence_words: tuple[int, int] = (2, 6),
         synth_threads: int = 4,
@@ -349,6 +352,13 @@ class SpeechDataModule(AudioDataModule):
                 f"data.probe_accents must be non-empty and disjoint from data.accents {self.accents} (the probe "
                 f"is judged on voices its training labels lack), got {self.probe_accents}"
             )
+        # the probe's voices and speaking style, fixed apart from the pretraining corpus so that growing
+        # the corpus (more variants, rates, pitches) leaves the probe's figures comparable
+        self.probe_variants = list(probe_variants) if probe_variants is not None else list(self.variants)
+        self.probe_rate = int(probe_rate) if probe_rate is not None else self.rates[0]
+        self.probe_pitch = int(probe_pitch) if probe_pitch is not None else self.pitches[0]
+        if not self.probe_variants:
+            raise ValueError("data.probe_variants must be a non-empty list of espeak-ng variants (or null: data.variants)")
         self.num_sentences = num_sentences
         self.sentence_words = sentence_words
         self.synth_threads = synth_threads
@@ -398,25 +408,26 @@ class SpeechDataModule(AudioDataModule):
     def probe_clip(self, word: str, voice: str) -> Path:
         """Where the probe's recording of ``word`` by ``voice`` (accent+variant) is cached (the layout
         the espeak task modules share)."""
-        return self.cache_root / "words" / f"{voice}_s{self.rates[0]}_p{self.pitches[0]}" / f"{word}.wav"
+        return self.cache_root / "words" / f"{voice}_s{self.probe_rate}_p{self.probe_pitch}" / f"{word}.wav"
 
     def probe_voices(self) -> tuple[list[str], list[str]]:
         """(voices labelled for the probe's training, held-out voices it is validated on)."""
-        train = [f"{a}+{v}" for a in self.accents for v in self.variants]
-        val = [f"{a}+{v}" for a in self.probe_accents for v in self.variants]
+        train = [f"{a}+{v}" for a in self.accents for v in self.probe_variants]
+        val = [f"{a}+{v}" for a in self.probe_accents for v in self.probe_variants]
         return train, val
 
     def probe_sets(self) -> ProbeSets | None:
         """Which word is spoken (``data.words``), by the training accents for the probe's training
-        labels and by ``probe_accents`` (never among them) for its validation; single words, trimmed
-        to their speech. None for a user's own recordings (``data.path``)."""
+        labels and by ``probe_accents`` (never among them) for its validation, each in
+        ``probe_variants`` at ``probe_rate`` / ``probe_pitch``; single words, trimmed to their speech.
+        None for a user's own recordings (``data.path``)."""
         if self.user_path:
             return None
         from d2v_train.data.probe_tasks import spoken_word_clips
         from d2v_train.data.tasks_audio import Waveforms
 
         train_voices, val_voices = self.probe_voices()
-        rate, pitch = self.rates[0], self.pitches[0]
+        rate, pitch = self.probe_rate, self.probe_pitch
         jobs = [Utterance(w, v, rate, pitch, self.probe_clip(w, v)) for w in self.words for v in train_voices + val_voices]
         synthesize_all(jobs, self.synth_threads)
 
