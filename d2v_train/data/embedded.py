@@ -211,7 +211,7 @@ def package_location(name: str) -> Path:
 
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     if spec is None or (spec.origin in (None, "built-in", "frozen") and not spec.submodule_search_locations):
-        raise ValueError(f"data.extra_packages: {name!r} is not an installed Python package with source files")
+        raise ValueError(f"data.extra_packages: {name!r} is not an installed top-level Python package with source files")
     if spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     return Path(spec.origin)  # type: ignore[arg-type]
@@ -262,6 +262,7 @@ def docstrings_corpus_dir(cache: Path, max_files: int | None = None, extra_packa
     if extra_packages:
         for pkg in extra_packages:
             package_location(pkg)  # fails here, with the field's name, before any work
+        # the set decides the folder (listing the same packages in another order reuses it)
         name += "-extra-" + fingerprint(sorted((p, package_version(p)) for p in set(extra_packages)))
     return cache / name
 
@@ -310,7 +311,7 @@ class DocstringsDataModule(TextDataModule):
         **kwargs: Any,
     ) -> None:
         self.max_files = max_files
-        self.extra_packages = list(extra_packages or [])
+        self.extra_packages = list(dict.fromkeys(extra_packages or []))  # each once, in the given order
         self.probe_classes, self.probe_per_class = probe_classes, probe_per_class
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir("docstrings")
         kwargs.setdefault("vocab_size", 4096)
