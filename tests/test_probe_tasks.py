@@ -86,3 +86,57 @@ def test_speech_probe_holds_out_voices_and_labels_the_spoken_word(tmp_path: Path
     assert sorted(batch["labels"].tolist()) == [0, 1, 2]
     with pytest.raises(ValueError, match="disjoint"):
         SpeechDataModule(cache_dir=str(tmp_path), accents=["en-us"], probe_accents=["en-us"])
+
+
+@needs_espeak
+def test_grown_speech_corpus_leaves_the_probe_alone_and_is_synthesised_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2v_train.data.espeak as espeak
+
+    calls: list[str] = []
+    real = espeak.synthesize
+    monkeypatch.setattr(espeak, "synthesize", lambda u, binary: (calls.append(u.voice), real(u, binary))[1])
+    grown = dict(words=["yes"], accents=["en-us"], variants=["m1", "f1", "m2"], rates=[170, 150], pitches=[50],
+                 probe_variants=["m1", "f1"], probe_rate=150, probe_accents=["en-029"], synth_threads=2)  # fmt: skip
+    dm = SpeechDataModule(cache_dir=str(tmp_path), **grown)
+    dm.setup()
+    assert len(dm.train_set) == 6 and len(calls) == 6  # 3 variants x 2 rates, no held-out accent
+    assert not any("en-029" in f.name for f in dm.corpus_dir().rglob("*.wav"))
+    # the probe is the small corpus's: its variants, one rate, whatever the pretraining corpus holds
+    small = SpeechDataModule(cache_dir=str(tmp_path), words=["yes"], accents=["en-us"], variants=["m1", "f1"], probe_accents=["en-029"])
+    assert dm.probe_voices() == small.probe_voices() == (["en-us+m1", "en-us+f1"], ["en-029+m1", "en-029+f1"])
+    assert dm.probe_clip("yes", "en-us+m1") == small.probe_clip("yes", "en-us+m1")
+    # a second module on the same cache synthesises nothing
+    calls.clear()
+    again = SpeechDataModule(cache_dir=str(tmp_path), **grown)
+    again.setup()
+    assert calls == [] and len(again.train_set) == 6
+    with pytest.raises(ValueError, match="probe_variants"):
+        SpeechDataModule(cache_dir=str(tmp_path), probe_variants=[])
+
+
+def test_docstrings_extra_packages_join_the_corpus_not_the_probe_and_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import omegaconf
+
+    import d2v_train.data.embedded as embedded
+
+    plain = DocstringsDataModule(cache_dir=str(tmp_path), max_files=3, vocab_size=400, max_length=64)
+    plain.setup()
+    dm = DocstringsDataModule(cache_dir=str(tmp_path), max_files=3, extra_packages=["omegaconf"], vocab_size=400, max_length=64)
+    dm.setup()
+    assert Path(dm.path) != Path(plain.path) and dm.tokenizer_path != plain.tokenizer_path  # own corpus, own BPE
+    corpus, small = Path(dm.path).read_text(encoding="utf-8"), Path(plain.path).read_text(encoding="utf-8")
+    # the package's docstrings, read from its own files (3 of them: max_files caps each package too)
+    assert embedded.package_location("omegaconf") == Path(omegaconf.__file__).parent
+    extra = [doc for _, doc in embedded.package_docstrings("omegaconf", 3)]
+    assert extra and all(doc in corpus for doc in extra) and not any(doc in small for doc in extra)
+    assert corpus.startswith(small) and len(corpus) > len(small)
+    # the probe's source pairs stay the standard library's
+    pairs = embedded.docstrings_by_module(Path(dm.path).parent, 3)
+    assert pairs == embedded.docstrings_by_module(Path(plain.path).parent, 3) and pairs and "omegaconf" not in {m for m, _ in pairs}
+    # cached: a second module reads no source file
+    monkeypatch.setattr(embedded, "source_docstrings", lambda *a: pytest.fail("re-read the sources"))
+    again = DocstringsDataModule(cache_dir=str(tmp_path), max_files=3, extra_packages=["omegaconf"], vocab_size=400, max_length=64)
+    again.setup()
+    assert again.path == dm.path and len(again.train_set) == len(dm.train_set)
+    with pytest.raises(ValueError, match="data.extra_packages: 'no_such_pkg_x'"):
+        DocstringsDataModule(cache_dir=str(tmp_path), extra_packages=["no_such_pkg_x"]).setup()

@@ -177,14 +177,14 @@ DOC_SEPARATOR = "<|doc|>"
 
 
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"})
+# folders of installed packages whose code is tests, vendored copies or bundled data, not the package's prose
+PACKAGE_SKIP_DIRS = STDLIB_SKIP_DIRS | {"testing", "_vendor", "vendored", "benchmarks", "examples"}
 
 
-def stdlib_docstrings(max_files: int | None = None) -> Iterator[tuple[str, str]]:
-    """(top-level module or package, docstring) for the standard library's modules, classes and
-    functions, read with `ast` (nothing is imported, so no module runs)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
-    for f in progress(files[:max_files], desc="reading docstrings"):
+def source_docstrings(root: Path, files: Sequence[Path]) -> Iterator[tuple[str, str]]:
+    """(top-level module or package under ``root``, docstring) for the modules, classes and functions
+    of ``files``, read with `ast` (nothing is imported, so no module runs)."""
+    for f in progress(files, desc="reading docstrings"):
         try:
             tree = ast.parse(f.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
@@ -197,24 +197,83 @@ def stdlib_docstrings(max_files: int | None = None) -> Iterator[tuple[str, str]]
                     yield module, doc.strip()
 
 
-def python_docs(max_files: int | None = None) -> list[str]:
-    """pydoc's topic pages + docstrings of the standard library (`stdlib_docstrings`)."""
+def stdlib_docstrings(max_files: int | None = None) -> Iterator[tuple[str, str]]:
+    """(top-level module or package, docstring) for the standard library (`source_docstrings`)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    yield from source_docstrings(root, files[:max_files])
+
+
+def package_location(name: str) -> Path:
+    """The folder (or single file) of the installed top-level package ``name``, found without
+    importing it; a clear error naming ``data.extra_packages`` when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or (spec.origin in (None, "built-in", "frozen") and not spec.submodule_search_locations):
+        raise ValueError(f"data.extra_packages: {name!r} is not an installed top-level Python package with source files")
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin)  # type: ignore[arg-type]
+
+
+def package_version(name: str) -> str:
+    """The installed distribution version of import name ``name`` ("unknown" when it has no metadata)."""
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get(name, [name]):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def package_docstrings(name: str, max_files: int | None = None) -> Iterator[tuple[str, str]]:
+    """(``name``, docstring) for an installed package's modules, classes and functions, its tests,
+    vendored copies and examples left out; read with `ast`, never imported."""
+    where = package_location(name)
+    if where.is_file():
+        files = [where]
+    else:
+        files = sorted(p for p in where.rglob("*.py") if not PACKAGE_SKIP_DIRS & set(p.relative_to(where).parts[:-1]))
+    for _, doc in source_docstrings(where.parent, files[:max_files]):
+        yield name, doc
+
+
+def python_docs(max_files: int | None = None, extra_packages: Sequence[str] = ()) -> list[str]:
+    """pydoc's topic pages + docstrings of the standard library (`stdlib_docstrings`) + those of the
+    installed ``extra_packages`` (`package_docstrings`; ``max_files`` caps each package too)."""
     import pydoc_data.topics
 
     docs = [t.strip() for t in pydoc_data.topics.topics.values()]
     docs += [doc for _, doc in stdlib_docstrings(max_files)]
+    for name in extra_packages:
+        docs += [doc for _, doc in package_docstrings(name, max_files)]
     return docs
 
 
-def write_docstrings_corpus(cache: Path, max_files: int | None = None) -> Path:
-    """One text file, documents separated by a `<|doc|>` line; written once per Python version."""
+def docstrings_corpus_dir(cache: Path, max_files: int | None = None, extra_packages: Sequence[str] = ()) -> Path:
+    """The corpus folder: one per Python version, file cap and set of extra packages (name + installed
+    version, so upgrading a package builds a new corpus and BPE)."""
     import platform
 
-    out = cache / f"python-{platform.python_version()}-{max_files or 'all'}" / "docstrings.txt"
+    name = f"python-{platform.python_version()}-{max_files or 'all'}"
+    if extra_packages:
+        for pkg in extra_packages:
+            package_location(pkg)  # fails here, with the field's name, before any work
+        # the set decides the folder (listing the same packages in another order reuses it)
+        name += "-extra-" + fingerprint(sorted((p, package_version(p)) for p in set(extra_packages)))
+    return cache / name
+
+
+def write_docstrings_corpus(cache: Path, max_files: int | None = None, extra_packages: Sequence[str] = ()) -> Path:
+    """One text file, documents separated by a `<|doc|>` line; written once per `docstrings_corpus_dir`."""
+    out = docstrings_corpus_dir(cache, max_files, extra_packages) / "docstrings.txt"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(python_docs(max_files)), encoding="utf-8")
+        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(python_docs(max_files, extra_packages)), encoding="utf-8")
         tmp.replace(out)
     return out
 
@@ -233,12 +292,18 @@ def docstrings_by_module(folder: Path, max_files: int | None = None) -> list[tup
 
 
 class DocstringsDataModule(TextDataModule):
-    """Python's own documentation as a text corpus (~2 MB), tokenized with a trained byte-level BPE."""
+    """Python's own documentation as a text corpus (~2 MB), tokenized with a trained byte-level BPE.
+
+    ``extra_packages`` adds the docstrings of installed packages (e.g. the ones d2v_train itself
+    needs, so they exist wherever it runs) to the pretraining corpus and the BPE; the probe task
+    stays the standard library's.
+    """
 
     def __init__(
         self,
         *,
         max_files: int | None = None,
+        extra_packages: Sequence[str] | None = None,
         cache_dir: str | None = None,
         path: str | None = None,
         probe_classes: int = 20,
@@ -246,6 +311,7 @@ class DocstringsDataModule(TextDataModule):
         **kwargs: Any,
     ) -> None:
         self.max_files = max_files
+        self.extra_packages = list(dict.fromkeys(extra_packages or []))  # each once, in the given order
         self.probe_classes, self.probe_per_class = probe_classes, probe_per_class
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir("docstrings")
         kwargs.setdefault("vocab_size", 4096)
@@ -259,7 +325,8 @@ class DocstringsDataModule(TextDataModule):
 
     def _corpus(self) -> str:
         if not self.path:
-            self.path = str(write_docstrings_corpus(Path(self.cache_dir or "."), self.max_files))  # type: ignore[arg-type]
+            cache = Path(self.cache_dir or ".")  # type: ignore[arg-type]
+            self.path = str(write_docstrings_corpus(cache, self.max_files, self.extra_packages))
         return self.path
 
     def setup(self, stage: str | None = None) -> None:
@@ -319,6 +386,9 @@ class SpeechDataModule(AudioDataModule):
         pitches: Sequence[int] = (50,),
         val_accents: Sequence[str] | None = None,
         probe_accents: Sequence[str] | None = None,
+        probe_variants: Sequence[str] | None = None,
+        probe_rate: int | None = None,
+        probe_pitch: int | None = None,
         num_sentences: int = 200,
         sentence_words: tuple[int, int] = (2, 6),
         synth_threads: int = 4,
@@ -349,6 +419,13 @@ class SpeechDataModule(AudioDataModule):
                 f"data.probe_accents must be non-empty and disjoint from data.accents {self.accents} (the probe "
                 f"is judged on voices its training labels lack), got {self.probe_accents}"
             )
+        # the probe's voices and speaking style, fixed apart from the pretraining corpus so that growing
+        # the corpus (more variants, rates, pitches) leaves the probe's figures comparable
+        self.probe_variants = list(probe_variants) if probe_variants is not None else list(self.variants)
+        self.probe_rate = int(probe_rate) if probe_rate is not None else self.rates[0]
+        self.probe_pitch = int(probe_pitch) if probe_pitch is not None else self.pitches[0]
+        if not self.probe_variants:
+            raise ValueError("data.probe_variants must be a non-empty list of espeak-ng variants (or null: data.variants)")
         self.num_sentences = num_sentences
         self.sentence_words = sentence_words
         self.synth_threads = synth_threads
@@ -398,25 +475,26 @@ class SpeechDataModule(AudioDataModule):
     def probe_clip(self, word: str, voice: str) -> Path:
         """Where the probe's recording of ``word`` by ``voice`` (accent+variant) is cached (the layout
         the espeak task modules share)."""
-        return self.cache_root / "words" / f"{voice}_s{self.rates[0]}_p{self.pitches[0]}" / f"{word}.wav"
+        return self.cache_root / "words" / f"{voice}_s{self.probe_rate}_p{self.probe_pitch}" / f"{word}.wav"
 
     def probe_voices(self) -> tuple[list[str], list[str]]:
         """(voices labelled for the probe's training, held-out voices it is validated on)."""
-        train = [f"{a}+{v}" for a in self.accents for v in self.variants]
-        val = [f"{a}+{v}" for a in self.probe_accents for v in self.variants]
+        train = [f"{a}+{v}" for a in self.accents for v in self.probe_variants]
+        val = [f"{a}+{v}" for a in self.probe_accents for v in self.probe_variants]
         return train, val
 
     def probe_sets(self) -> ProbeSets | None:
         """Which word is spoken (``data.words``), by the training accents for the probe's training
-        labels and by ``probe_accents`` (never among them) for its validation; single words, trimmed
-        to their speech. None for a user's own recordings (``data.path``)."""
+        labels and by ``probe_accents`` (never among them) for its validation, each in
+        ``probe_variants`` at ``probe_rate`` / ``probe_pitch``; single words, trimmed to their speech.
+        None for a user's own recordings (``data.path``)."""
         if self.user_path:
             return None
         from d2v_train.data.probe_tasks import spoken_word_clips
         from d2v_train.data.tasks_audio import Waveforms
 
         train_voices, val_voices = self.probe_voices()
-        rate, pitch = self.rates[0], self.pitches[0]
+        rate, pitch = self.probe_rate, self.probe_pitch
         jobs = [Utterance(w, v, rate, pitch, self.probe_clip(w, v)) for w in self.words for v in train_voices + val_voices]
         synthesize_all(jobs, self.synth_threads)
 
