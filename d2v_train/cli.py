@@ -328,7 +328,8 @@ def app_help(config_name: str, prog: str, hidden: Sequence[str] = ()) -> str:
     finally:
         GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices)
-    groups = [g for g in choices if not g.startswith("hydra/") and g not in hidden] + ["hydra/launcher"]
+    # "group@package" entries are picked by the config itself (modality_objective follows objective=)
+    groups = [g for g in choices if not g.startswith("hydra/") and "@" not in g and g not in hidden] + ["hydra/launcher"]
     hidden_options = {h for h in hidden if ":" in h}  # "group:option" entries: options of another app
     out = [*_header(config_name), "", f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--hydra-help]", ""]
     out.append("config groups (GROUP=OPTION; default in brackets):")

@@ -131,3 +131,24 @@ def test_loggers_callbacks_and_launcher(tmp_path: Path) -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.tasks_per_node == launcher.gpus_per_node and launcher.max_num_timeout > 0
+
+
+def flat_items(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [item for k, v in node.items() for item in flat_items(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], node)]
+
+
+@pytest.mark.parametrize("option", options("modality_objective"))
+def test_modality_objective_settings_win_over_the_objective_defaults(option: str, tmp_path: Path) -> None:
+    """`modality=M objective=O` applies configs/modality_objective/O.yaml last: its small-scale values
+    (e.g. fewer clones for a CPU run of 2.0) beat both the objective's reference values and the
+    modality file's, and a published recipe (experiment=) still overrides them."""
+    modality = modality_of("objective", option)
+    cfg = compose_cfg([f"modality={modality}", f"objective={option}"], tmp_path)
+    validate_config(cfg)
+    small = OmegaConf.to_container(OmegaConf.load(CONFIGS / "modality_objective" / f"{option}.yaml"))
+    items = flat_items(small)
+    assert items, option
+    for key, value in items:
+        assert OmegaConf.select(cfg, key) == value, (option, key)
