@@ -9,8 +9,10 @@ For each seed it runs the default pretraining command (skipped when the run dire
 a cheap baseline on the raw input (text: TF-IDF over tokens; audio: log-mel), the same encoder
 architecture at random initialisation, and the pretrained encoder, with few labels per class and
 with all labels. Features are frozen, mean-pooled over the last layer's non-padded tokens, encoder
-in eval mode, no masking. Each seed draws its own pretraining run, random init and few-label subset;
-the table shows mean ± standard deviation over seeds.
+in eval mode, no masking; the linear probe is d2v-eval's (standardised features, logistic regression
+with C chosen per row by cross-validation on that row's training labels; `--C 1` fixes it). Each
+seed draws its own pretraining run, random init and few-label subset; the table shows mean ±
+standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -28,18 +30,6 @@ import numpy as np
 import torch
 
 FEW_LABELS = {"text": 10, "audio": 4}
-
-
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> float:
-    """Accuracy of StandardScaler + LogisticRegression on frozen features (the one place the
-    classifier lives: swap it for `d2v_train.eval` when that lands)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-    clf.fit(x_train, y_train)
-    return float(clf.score(x_val, y_val))
 
 
 @torch.no_grad()
@@ -136,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--few", type=int, default=None, help="labels per class of the few-label column (text 10, audio 4)")
     parser.add_argument("--runs", type=Path, default=Path("runs/eval_presets"), help="where the pretraining runs go")
     parser.add_argument("--tag", default="default", help="run folder name under --runs (one per set of overrides)")
+    parser.add_argument("--C", default="cv", help="the probe's inverse regularisation: cv (chosen per row by 5-fold "
+                        "cross-validation on its training labels, as d2v-eval) or a number")  # fmt: skip
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -143,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     few = args.few or FEW_LABELS[args.modality]
+    from d2v_train.eval.probe import linear_probe, parse_C
+
+    try:
+        args.C = parse_C(args.C)
+    except ValueError as e:
+        parser.error(str(e))
     columns = [(f"{few} labels/class", few), ("all labels", None)]
 
     from d2v_train.lightning.pretrained import load_pretrained
@@ -176,11 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         for col, k in columns:
             idx = few_label_subset(y_train, k, seed)
             for name, (xt, xv) in feats.items():
-                record(name, col, linear_probe(xt[idx], y_train[idx], xv, y_val))
+                record(name, col, linear_probe(xt[idx], y_train[idx], xv, y_val, C=args.C))
         print(f"seed {seed}: " + ", ".join(f"{n} {v[columns[0][0]][-1]:.3f}/{v['all labels'][-1]:.3f}" for n, v in rows.items()), flush=True)
 
     print(f"\n{probes.name}: {probes.num_classes} classes, {len(probes.train)} train / {len(probes.val)} val examples; "
-          f"seeds {args.seeds}; overrides: {' '.join(args.overrides) or '(none)'}")  # fmt: skip
+          f"seeds {args.seeds}; probe C {args.C}; overrides: {' '.join(args.overrides) or '(none)'}")  # fmt: skip
     wall = [w for w in walls if w == w]
     if wall:
         print(f"pretraining wall time per run: {np.mean(wall):.0f} s (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")

@@ -17,7 +17,7 @@ import d2v_train
 import d2v_train.pretrain as pretrain
 from d2v_train.cli import config_dir
 from d2v_train.eval import embed, extract_features, few_label_indices, knn_accuracy, linear_probe, torch_linear_probe
-from d2v_train.eval.probe import parse_labels_per_class, spread
+from d2v_train.eval.probe import CV_GRID, _fold_ids, choose_C, parse_C, parse_labels_per_class, resolve_C, spread
 from d2v_train.models import build_encoder
 
 # a tiny version of the default run (digits), with probe and validation every 2 updates
@@ -99,6 +99,40 @@ def test_probes_score_separable_features_high_and_random_labels_at_chance() -> N
         assert acc < 0.3  # chance is 0.1
 
 
+def test_cross_validated_C_is_chosen_on_training_folds_only() -> None:
+    y = (torch.arange(103) % 4).numpy()
+    folds = _fold_ids(y, 5)
+    for f in range(5):  # stratified: every class in every fold, fold sizes within one per class
+        assert set(y[folds == f]) == {0, 1, 2, 3}
+    assert max(int((folds == f).sum()) for f in range(5)) - min(int((folds == f).sum()) for f in range(5)) <= 4
+    seen: list[int] = []
+
+    def score(xt: Any, yt: Any, xv: Any, yv: Any, c: float) -> float:
+        seen.append(len(yt) + len(yv))
+        return {0.01: 0.2, 0.1: 0.5, 1.0: 0.7, 10.0: 0.7, 100.0: 0.6}[c]
+
+    assert choose_C(torch.zeros(103, 3), torch.as_tensor(y), score) == 1.0  # best, and the smaller C of a tie
+    assert set(seen) == {103} and len(seen) == 5 * len(CV_GRID)
+    assert choose_C(torch.zeros(4, 3), torch.arange(4), score) == 1.0  # one example per class: nothing to hold out
+    assert parse_C("cv") == "cv" and parse_C("0.5") == 0.5
+    for bad in ("auto", 0, -1, "inf"):
+        with pytest.raises(ValueError, match="probe C"):
+            parse_C(bad)
+
+
+def test_cross_validation_raises_an_underfitting_probe_on_real_digits() -> None:
+    """Raw digit pixels: at a fixed C=0.01 the probe under-fits; the C chosen by cross-validation on
+    the training part does not."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = torch.as_tensor(digits.data, dtype=torch.float32), torch.as_tensor(digits.target)
+    xt, yt, xv, yv = x[:1200], y[:1200], x[1200:], y[1200:]
+    fixed = linear_probe(xt, yt, xv, yv, C=0.01)
+    chosen = resolve_C("cv", xt, yt)
+    assert chosen >= 0.1 and linear_probe(xt, yt, xv, yv, C="cv") > fixed + 0.01
+
+
 def test_few_label_subsets_are_balanced_and_seeded() -> None:
     y = torch.arange(300) % 10
     a = few_label_indices(y, 3, seed=0)
@@ -169,6 +203,10 @@ def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str])
     assert all(0.0 <= float(r["probe/knn_acc"]) <= 1.0 for r in probes)
     assert probes[-1]["probe/random_init_linear_acc"] and probes[-1]["probe/random_init_knn_acc"]
     assert not probes[0]["probe/random_init_linear_acc"]
+    # the end-of-run comparison: d2v-eval's probe, C cross-validated for each encoder and reported
+    assert float(probes[-1]["probe/linear_C"]) in CV_GRID and float(probes[-1]["probe/random_init_linear_C"]) in CV_GRID
+    assert not probes[0]["probe/linear_C"]
+    assert "cross-validation" in out
     clock = train_seconds(run_dir)  # training time at each probe, for accuracy-against-time curves
     assert len(clock) == 3 and 0 < clock[0] <= clock[1] <= clock[2]
     vals = [r for r in table if r.get("val/loss")]
@@ -258,6 +296,7 @@ def test_d2v_eval_end_to_end(tiny_run: tuple[Path, str], tmp_path: Path, capsys:
     # 1 label/class: 2 seeds; all labels: one row; fine-tune: the first seed only
     assert sum(r["method"] == "linear" and r["encoder"] == "pretrained" for r in results) == 3
     assert sum(r["method"] == "finetune" and r["encoder"] == "pretrained" for r in results) == 2
+    assert all(float(r["C"]) in CV_GRID for r in results if r["method"] == "linear")  # probe.C=cv: chosen per row
     raw_all = next(float(r["accuracy"]) for r in results if r["encoder"] == "raw inputs" and r["method"] == "linear" and r["labels_per_class"] == "all")
     assert raw_all > 0.9  # raw digits are nearly linearly separable: the pipeline keeps labels aligned
     assert "±" in (out / "results.md").read_text()
@@ -273,6 +312,9 @@ def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         main([f"checkpoint={tmp_path}", "labels_per_class=[few]"])
     assert "labels_per_class" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"checkpoint={tmp_path}", "probe.C=auto"])
+    assert "probe.C" in capsys.readouterr().err
 
 
 def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

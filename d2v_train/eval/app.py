@@ -28,14 +28,18 @@ __all__ = ["evaluate", "main", "results_table"]
 
 log = logging.getLogger("d2v_train.eval")
 
-FIELDS = ("encoder", "method", "labels_per_class", "seed", "accuracy")
+FIELDS = ("encoder", "method", "labels_per_class", "seed", "accuracy", "C")
 METHODS = ("linear", "knn", "finetune")
 
 
 def validate_config(cfg: DictConfig) -> None:
     from .features import POOLINGS
-    from .probe import parse_labels_per_class
+    from .probe import parse_C, parse_labels_per_class
 
+    try:
+        parse_C(cfg.get("probe", {}).get("C", "cv"))
+    except ValueError as e:
+        raise ConfigError(f"probe.C: {e}") from None
     if cfg.get("pooling") not in POOLINGS:
         raise ConfigError(f"bad value for 'pooling': {cfg.get('pooling')!r}; valid choices: {', '.join(POOLINGS)}")
     lpc = cfg.get("labels_per_class")
@@ -116,7 +120,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     from .features import extract_features
     from .finetune import FinetuneBudget, finetune_accuracy
-    from .probe import few_label_indices, knn_accuracy, linear_probe
+    from .probe import few_label_indices, knn_accuracy, linear_probe, resolve_C
 
     start = time.perf_counter()
     out_dir = Path(str(cfg.run_dir))
@@ -160,8 +164,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             idx = few_label_indices(train_labels, k, seed)
             for name, (tr, va) in feats.items():
                 x, y = tr.features[idx], tr.labels[idx]
+                c = resolve_C(cfg.probe.C, x, y)
                 rows.append(dict(encoder=name, method="linear", labels_per_class=_lpc_name(k), seed=seed,
-                                 accuracy=linear_probe(x, y, va.features, va.labels, C=float(cfg.probe.C))))  # fmt: skip
+                                 accuracy=linear_probe(x, y, va.features, va.labels, C=c), C=c))  # fmt: skip
                 rows.append(dict(encoder=name, method="knn", labels_per_class=_lpc_name(k), seed=seed,
                                  accuracy=knn_accuracy(x, y, va.features, va.labels, probe.num_classes,
                                                        k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))))  # fmt: skip

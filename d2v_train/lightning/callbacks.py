@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -119,12 +119,14 @@ class OnlineProbe(L.Callback):
     TensorBoard, W&B).
 
     The student runs in eval mode under inference mode (no gradient reaches it) and the classifier
-    is fitted on the cached features with its own optimizer (torch L-BFGS from zeros, see
-    ``d2v_train.eval.probe``); nothing draws from the global RNG, so probing does not change the run
-    and a resumed run logs what a straight one does. After the last update it also probes the same
-    architecture at random initialisation (built from the same config under the run's seed), logs
-    ``probe/random_init_linear_acc`` / ``probe/random_init_knn_acc``, prints one comparison line and
-    a WARNING when pretraining did not beat it.
+    is fitted on the cached features with its own optimizer; nothing draws from the global RNG, so
+    probing does not change the run and a resumed run logs what a straight one does. The periodic
+    probes fit at a fixed ``C`` (torch L-BFGS from zeros, a few ms: a cheap curve). After the last
+    update the run's encoder and the same architecture at random initialisation (built from the same
+    config under the run's seed) are probed as ``d2v-eval`` does (scikit-learn, ``final_C``: by
+    default chosen for each by cross-validation on the labelled set, since one fixed C under-fits
+    some feature sets far more than others); logged as ``probe/linear_acc`` / ``probe/linear_C`` and
+    ``probe/random_init_*``, with one comparison line and a WARNING when pretraining did not beat it.
 
     Each probe row also carries ``probe/train_s``: seconds of training so far, probing and
     validation left out and carried across resumes, so runs of different objectives can be compared
@@ -140,6 +142,7 @@ class OnlineProbe(L.Callback):
         knn_k: int = 20,
         knn_temperature: float = 0.07,
         C: float = 1.0,
+        final_C: Union[float, str] = "cv",
         batch_size: int = 256,
         compare_random_init: bool = True,
         margin: float = 0.01,
@@ -148,7 +151,10 @@ class OnlineProbe(L.Callback):
         self.pooling = pooling
         self.knn_k = int(knn_k)
         self.knn_temperature = float(knn_temperature)
+        from d2v_train.eval.probe import parse_C
+
         self.C = float(C)
+        self.final_C = parse_C(final_C)
         self.batch_size = int(batch_size)
         self.compare_random_init = bool(compare_random_init)
         self.margin = float(margin)
@@ -157,7 +163,6 @@ class OnlineProbe(L.Callback):
         self.line = ""  # the end-of-run comparison line (and warning)
         self.seconds = 0.0  # time spent probing
         self._last_step = -1
-        self._last: dict[str, float] = {}
         self.train_s = 0.0  # training wall time before this process's start (from a resumed checkpoint)
         self._start = 0.0  # perf_counter at this process's train start
         self._paused = 0.0  # seconds of this process spent probing or validating
@@ -195,26 +200,30 @@ class OnlineProbe(L.Callback):
         except Exception as e:  # a monitor must never stop a run
             log.warning("online probe off: the data module's probe_sets() failed: %s: %s", type(e).__name__, e)
 
-    def evaluate(self, encoder: torch.nn.Module) -> dict[str, float]:
-        """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets."""
+    def evaluate(self, encoder: torch.nn.Module, final: bool = False) -> dict[str, float]:
+        """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets; ``final``: the
+        end-of-run comparison, whose linear probe is ``d2v-eval``'s (scikit-learn, ``final_C``)."""
         from d2v_train.eval.features import extract_features
-        from d2v_train.eval.probe import knn_accuracy, torch_linear_probe
+        from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, torch_linear_probe
 
         p = self.probe
         kw = dict(collate_fn=p.collate_fn, batch_size=self.batch_size)
         train = extract_features(encoder, p.train, self.pooling, **kw)
         val = extract_features(encoder, p.val, self.pooling, **kw)
         assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
-        return {
-            "linear_acc": torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C),
-            "knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
-                                    k=self.knn_k, temperature=self.knn_temperature),
-        }  # fmt: skip
+        out = {"knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
+                                       k=self.knn_k, temperature=self.knn_temperature)}  # fmt: skip
+        if final:
+            out["linear_C"] = resolve_C(self.final_C, train.features, train.labels)
+            out["linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["linear_C"])
+        else:
+            out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C)
+        return out
 
-    def _run(self, pl_module: Any) -> dict[str, float]:
+    def _run(self, pl_module: Any, final: bool = False) -> dict[str, float]:
         start = time.perf_counter()
         trained = self._train_seconds()
-        out = self.evaluate(pl_module.student)
+        out = self.evaluate(pl_module.student, final)
         self.seconds += time.perf_counter() - start
         self._paused += time.perf_counter() - start
         return {**out, "train_s": trained}
@@ -226,10 +235,10 @@ class OnlineProbe(L.Callback):
         if step == self._last_step:
             return  # under gradient accumulation: once per update
         self._last_step = step
-        self._last = self._run(pl_module)
+        out = self._run(pl_module)
         # straight to the loggers, on the row of this update (``self.log`` from a callback hook would
         # repeat the value on every later row of the epoch); a resume from this update keeps it
-        self._log(trainer, {f"probe/{k}": v for k, v in self._last.items()}, step - 1)
+        self._log(trainer, {f"probe/{k}": v for k, v in out.items()}, step - 1)
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -241,8 +250,7 @@ class OnlineProbe(L.Callback):
             return
         if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
             return  # stopped early (pre-emption, collapse): the resumed run probes its own end
-        done = self._last if self._last_step == trainer.global_step else self._run(pl_module)  # probed just now?
-        metrics = {f"probe/{k}": v for k, v in done.items()}
+        metrics = {f"probe/{k}": v for k, v in self._run(pl_module, final=True).items()}
         if self.compare_random_init:
             from d2v_train.models import build_encoder
 
@@ -251,7 +259,7 @@ class OnlineProbe(L.Callback):
                 torch.manual_seed(int(getattr(pl_module, "seed", 0)))
                 fresh = build_encoder(student.modality, student.config).to(next(student.parameters()).device)
             start = time.perf_counter()
-            metrics.update({f"probe/random_init_{k}": v for k, v in self.evaluate(fresh).items()})
+            metrics.update({f"probe/random_init_{k}": v for k, v in self.evaluate(fresh, final=True).items()})
             self.seconds += time.perf_counter() - start
         # a row after the last update's: a run resumed from this final checkpoint drops it (it probes
         # its own end again), so the history stays that of one straight run
@@ -269,7 +277,9 @@ class OnlineProbe(L.Callback):
         line = (
             f"d2v-pretrain: probe on {self.probe.name} ({self.pooling}-pooled, linear / kNN accuracy): "
             f"this run {lin:.3f} / {m['probe/knn_acc']:.3f}, same architecture at random init "
-            f"{rnd:.3f} / {m['probe/random_init_knn_acc']:.3f} ({100 * (lin - rnd):+.1f} points after {updates} updates)"
+            f"{rnd:.3f} / {m['probe/random_init_knn_acc']:.3f} ({100 * (lin - rnd):+.1f} points after {updates} updates; "
+            f"linear probe C {m['probe/linear_C']:g} / {m['probe/random_init_linear_C']:g}"
+            f"{', chosen by 5-fold cross-validation on the labelled set' if self.final_C == 'cv' else ''})"
         )
         log.info(line)
         if lin < rnd + self.margin:
