@@ -41,18 +41,18 @@ def run(modality: str, name: str, out: Path, every: int, overrides: list[str]) -
 
 
 def read_curve(run_dir: Path) -> tuple[Curve, Optional[float]]:
-    """The periodic probe rows of a run's metrics.csv (one fixed C; an ``--every`` that divides the
-    run's updates puts the last at its end), and the random-init accuracy of its end-of-run row."""
+    """The probe rows of a run's metrics.csv, and the random-init accuracy of its end-of-run row."""
     curve: Curve = []
     random_init = None
     with (run_dir / "metrics.csv").open(newline="") as f:
         for row in csv.DictReader(f):
             if row.get("probe/random_init_linear_acc"):
                 random_init = float(row["probe/random_init_linear_acc"])
-            if row.get("probe/linear_C") or row.get("probe/random_init_linear_acc"):
-                continue  # the end-of-run comparison (C cross-validated): not a point of the fixed-C curve
             if row.get("probe/linear_acc") and row.get("probe/train_s"):
-                curve.append((int(row["step"]) + 1, float(row["probe/train_s"]), float(row["probe/linear_acc"])))
+                point = (int(row["step"]) + (0 if row.get("probe/random_init_linear_acc") else 1),
+                         float(row["probe/train_s"]), float(row["probe/linear_acc"]))
+                if not curve or point[0] > curve[-1][0]:
+                    curve.append(point)
     if not curve:
         raise SystemExit(f"{run_dir}/metrics.csv has no probe rows with probe/train_s: is the data module's "
                          "probe task available, and callbacks.probe on?")  # fmt: skip

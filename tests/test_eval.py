@@ -204,8 +204,8 @@ def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str])
     assert probes[-1]["probe/random_init_linear_acc"] and probes[-1]["probe/random_init_knn_acc"]
     assert not probes[0]["probe/random_init_linear_acc"]
     # the end-of-run comparison: d2v-eval's probe, C cross-validated for each encoder and reported
-    assert float(probes[-1]["probe/linear_C"]) in CV_GRID and float(probes[-1]["probe/random_init_linear_C"]) in CV_GRID
-    assert not probes[0]["probe/linear_C"]
+    assert float(probes[-1]["probe/final_linear_C"]) in CV_GRID and float(probes[-1]["probe/random_init_linear_C"]) in CV_GRID
+    assert 0.0 <= float(probes[-1]["probe/final_linear_acc"]) <= 1.0 and not probes[0]["probe/final_linear_acc"]
     assert "cross-validation" in out
     clock = train_seconds(run_dir)  # training time at each probe, for accuracy-against-time curves
     assert len(clock) == 3 and 0 < clock[0] <= clock[1] <= clock[2]
@@ -215,7 +215,7 @@ def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str])
     assert [int(r["step"]) for r in train_rows] == list(range(4))
     assert "same architecture at random init" in out and "after 4 updates" in out
     final = probes[-1]
-    if float(final["probe/linear_acc"]) < float(final["probe/random_init_linear_acc"]) + 0.01:
+    if float(final["probe/final_linear_acc"]) < float(final["probe/random_init_linear_acc"]) + 0.01:
         assert "warning: pretraining did not beat" in out.lower()
     else:
         assert "pretraining did not beat" not in out

@@ -125,8 +125,10 @@ class OnlineProbe(L.Callback):
     update the run's encoder and the same architecture at random initialisation (built from the same
     config under the run's seed) are probed as ``d2v-eval`` does (scikit-learn, ``final_C``: by
     default chosen for each by cross-validation on the labelled set, since one fixed C under-fits
-    some feature sets far more than others); logged as ``probe/linear_acc`` / ``probe/linear_C`` and
-    ``probe/random_init_*``, with one comparison line and a WARNING when pretraining did not beat it.
+    some feature sets far more than others); logged as ``probe/final_linear_acc`` /
+    ``probe/final_linear_C`` and ``probe/random_init_linear_acc`` / ``_linear_C`` / ``_knn_acc`` on
+    an extra row (whose ``probe/linear_acc`` is the fixed-C curve's last point), with one comparison
+    line and a WARNING when pretraining did not beat it.
 
     Each probe row also carries ``probe/train_s``: seconds of training so far, probing and
     validation left out and carried across resumes, so runs of different objectives can be compared
@@ -202,7 +204,7 @@ class OnlineProbe(L.Callback):
 
     def evaluate(self, encoder: torch.nn.Module, final: bool = False) -> dict[str, float]:
         """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets; ``final``: the
-        end-of-run comparison, whose linear probe is ``d2v-eval``'s (scikit-learn, ``final_C``)."""
+        end-of-run comparison, which adds ``d2v-eval``'s linear probe (scikit-learn, ``final_C``)."""
         from d2v_train.eval.features import extract_features
         from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, torch_linear_probe
 
@@ -211,13 +213,14 @@ class OnlineProbe(L.Callback):
         train = extract_features(encoder, p.train, self.pooling, **kw)
         val = extract_features(encoder, p.val, self.pooling, **kw)
         assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
-        out = {"knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
-                                       k=self.knn_k, temperature=self.knn_temperature)}  # fmt: skip
+        out = {
+            "linear_acc": torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C),
+            "knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
+                                    k=self.knn_k, temperature=self.knn_temperature),
+        }  # fmt: skip
         if final:
-            out["linear_C"] = resolve_C(self.final_C, train.features, train.labels)
-            out["linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["linear_C"])
-        else:
-            out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C)
+            out["final_linear_C"] = resolve_C(self.final_C, train.features, train.labels)
+            out["final_linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["final_linear_C"])
         return out
 
     def _run(self, pl_module: Any, final: bool = False) -> dict[str, float]:
@@ -250,7 +253,7 @@ class OnlineProbe(L.Callback):
             return
         if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
             return  # stopped early (pre-emption, collapse): the resumed run probes its own end
-        metrics = {f"probe/{k}": v for k, v in self._run(pl_module, final=True).items()}
+        metrics = {f"probe/{k}": v for k, v in self._run(pl_module, final=True).items()}  # the curve's last point too
         if self.compare_random_init:
             from d2v_train.models import build_encoder
 
@@ -259,7 +262,9 @@ class OnlineProbe(L.Callback):
                 torch.manual_seed(int(getattr(pl_module, "seed", 0)))
                 fresh = build_encoder(student.modality, student.config).to(next(student.parameters()).device)
             start = time.perf_counter()
-            metrics.update({f"probe/random_init_{k}": v for k, v in self.evaluate(fresh, final=True).items()})
+            fresh_out = self.evaluate(fresh, final=True)
+            metrics.update({"probe/random_init_linear_acc": fresh_out["final_linear_acc"], "probe/random_init_linear_C": fresh_out["final_linear_C"],
+                            "probe/random_init_knn_acc": fresh_out["knn_acc"]})  # fmt: skip
             self.seconds += time.perf_counter() - start
         # a row after the last update's: a run resumed from this final checkpoint drops it (it probes
         # its own end again), so the history stays that of one straight run
@@ -273,12 +278,12 @@ class OnlineProbe(L.Callback):
     def report(self, updates: int) -> str:
         """The end-of-run line (printed and logged), with a WARNING when pretraining did not help."""
         m = self.final
-        lin, rnd = m["probe/linear_acc"], m["probe/random_init_linear_acc"]
+        lin, rnd = m["probe/final_linear_acc"], m["probe/random_init_linear_acc"]
         line = (
             f"d2v-pretrain: probe on {self.probe.name} ({self.pooling}-pooled, linear / kNN accuracy): "
             f"this run {lin:.3f} / {m['probe/knn_acc']:.3f}, same architecture at random init "
             f"{rnd:.3f} / {m['probe/random_init_knn_acc']:.3f} ({100 * (lin - rnd):+.1f} points after {updates} updates; "
-            f"linear probe C {m['probe/linear_C']:g} / {m['probe/random_init_linear_C']:g}"
+            f"linear probe C {m['probe/final_linear_C']:g} / {m['probe/random_init_linear_C']:g}"
             f"{', chosen by 5-fold cross-validation on the labelled set' if self.final_C == 'cv' else ''})"
         )
         log.info(line)
