@@ -7,10 +7,11 @@
 Runs, one after the other (so they do not slow each other down), ``d2v-pretrain modality=M`` and
 ``d2v-pretrain modality=M objective=d2v2_M`` with their defaults, the online probe every ``--every``
 updates. The probe is the run's own (``callbacks.probe``: the data module's labelled probe task,
-mean-pooled features, linear classifier); each probe row carries ``probe/train_s``, the seconds
-spent training so far with probing and validation left out. Prints both curves, the time 2.0 needs to
-reach the v1 run's final accuracy as a fraction of the v1 run's training time, and writes
-``curves.csv`` and ``curves.png`` into ``--out``. A run whose directory already holds
+mean-pooled features, linear classifier at a fixed C); each probe row carries ``probe/train_s``, the
+seconds spent training so far with probing and validation left out. Prints both curves, each run's
+end-of-run comparison (C by cross-validation, against random init), the time 2.0 needs to reach the
+v1 run's final accuracy as a fraction of the v1 run's training time, and writes ``curves.csv`` and
+``curves.png`` into ``--out``. A run whose directory already holds
 ``checkpoints/last.ckpt`` is not run again (delete the directory to re-measure).
 """
 
@@ -40,14 +41,17 @@ def run(modality: str, name: str, out: Path, every: int, overrides: list[str]) -
     return run_dir
 
 
-def read_curve(run_dir: Path) -> tuple[Curve, Optional[float]]:
-    """The probe rows of a run's metrics.csv, and the random-init accuracy of its end-of-run row."""
+def read_curve(run_dir: Path) -> tuple[Curve, Optional[float], Optional[float]]:
+    """The probe rows of a run's metrics.csv (the periodic, fixed-C probe), and from its end-of-run
+    row the comparison probe's accuracy (C by cross-validation) of the run and of random init."""
     curve: Curve = []
-    random_init = None
+    random_init = final = None
     with (run_dir / "metrics.csv").open(newline="") as f:
         for row in csv.DictReader(f):
             if row.get("probe/random_init_linear_acc"):
                 random_init = float(row["probe/random_init_linear_acc"])
+            if row.get("probe/final_linear_acc"):
+                final = float(row["probe/final_linear_acc"])
             if row.get("probe/linear_acc") and row.get("probe/train_s"):
                 point = (int(row["step"]) + (0 if row.get("probe/random_init_linear_acc") else 1),
                          float(row["probe/train_s"]), float(row["probe/linear_acc"]))
@@ -56,14 +60,14 @@ def read_curve(run_dir: Path) -> tuple[Curve, Optional[float]]:
     if not curve:
         raise SystemExit(f"{run_dir}/metrics.csv has no probe rows with probe/train_s: is the data module's "
                          "probe task available, and callbacks.probe on?")  # fmt: skip
-    return curve, random_init
+    return curve, random_init, final
 
 
 def time_to_reach(curve: Curve, accuracy: float) -> Optional[float]:
     return next((t for _, t, acc in curve if acc >= accuracy), None)
 
 
-def plot(curves: dict[str, Curve], random_init: dict[str, Optional[float]], path: Path, title: str) -> None:
+def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Optional[float]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,9 +75,13 @@ def plot(curves: dict[str, Curve], random_init: dict[str, Optional[float]], path
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
-        line, = ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=name)
-        if random_init.get(name) is not None:
-            ax.axhline(random_init[name], color=line.get_color(), linestyle=":", label=f"{name} at random init")
+        line, = ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=f"{name} (fixed C)")
+        random_init, final = ends[name]
+        if final is not None:
+            ax.plot([curve[-1][1]], [final], marker="*", markersize=12, linestyle="", color=line.get_color(),
+                    label=f"{name} at the end, C by cross-validation")  # fmt: skip
+        if random_init is not None:
+            ax.axhline(random_init, color=line.get_color(), linestyle=":", label=f"{name} at random init, C by cross-validation")
     ax.set(xlabel="training time (s)", ylabel="linear-probe accuracy", title=title)
     ax.legend()
     fig.tight_layout()
@@ -97,22 +105,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     names = {"v1": [*both, *args.v1], "2.0": [f"objective=d2v2_{args.modality}", *both, *args.v2]}
     curves: dict[str, Curve] = {}
-    random_init: dict[str, Optional[float]] = {}  # each objective's architecture at random init
+    ends: dict[str, tuple[Optional[float], Optional[float]]] = {}  # (random init, the run) by the end-of-run probe
     for name, overrides in names.items():
-        curves[name], random_init[name] = read_curve(run(args.modality, name, out, args.every, overrides))
+        curves[name], *end = read_curve(run(args.modality, name, out, args.every, overrides))
+        ends[name] = (end[0], end[1])
 
     with (out / "curves.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["objective", "update", "train_s", "linear_acc"])
         for name, curve in curves.items():
             writer.writerows((name, *point) for point in curve)
-    plot(curves, random_init, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)")
+    plot(curves, ends, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)")
 
-    print(f"\n{args.modality}: linear probe at update@training seconds")
+    def fmt(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(f"\n{args.modality}: linear probe (fixed C) at update@training seconds")
     for name, curve in curves.items():
-        rnd = random_init[name]
-        print(f"  {name:>4} (random init {'-' if rnd is None else f'{rnd:.3f}'}): "
-              + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
+        print(f"  {name:>4}: " + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
+    for name, (rnd, final) in ends.items():
+        print(f"  {name:>4} at the end, C by cross-validation: {fmt(final)} (random init {fmt(rnd)})")
     v1_acc, v1_time = curves["v1"][-1][2], curves["v1"][-1][1]
     reach = time_to_reach(curves["2.0"], v1_acc)
     if reach is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def test_probe_curve_runs_both_objectives_and_writes_curves(tmp_path: Path, caps
         assert 0 < times[0] < times[1]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "2.0 reached" in printed or "2.0 never reached" in printed
+    # each run's end-of-run comparison (C by cross-validation) is read from its final row
+    assert re.search(r"v1 at the end, C by cross-validation: 0\.\d{3} \(random init 0\.\d{3}\)", printed)
+    assert re.search(r"2\.0 at the end, C by cross-validation: 0\.\d{3} \(random init 0\.\d{3}\)", printed)
     # a finished run is read, not run again
     module.main(["vision", "--every", "2", "--out", str(tmp_path), "--", "trainer.max_steps=4", "data.batch_size=16"])
     assert "already holds a finished run" in capsys.readouterr().out
