@@ -107,8 +107,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     curves: dict[str, Curve] = {}
     ends: dict[str, tuple[Optional[float], Optional[float]]] = {}  # (random init, the run) by the end-of-run probe
     for name, overrides in names.items():
-        curves[name], *end = read_curve(run(args.modality, name, out, args.every, overrides))
-        ends[name] = (end[0], end[1])
+        curve, random_init, final = read_curve(run(args.modality, name, out, args.every, overrides))
+        curves[name], ends[name] = curve, (random_init, final)
 
     with (out / "curves.csv").open("w", newline="") as f:
         writer = csv.writer(f)
