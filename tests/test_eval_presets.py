@@ -1,0 +1,37 @@
+"""scripts/eval_presets.py: its few-label draws and argument checks (the pretraining runs it launches
+are measurements, documented in docs/presets.md, not tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_presets.py"
+
+
+def load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("eval_presets", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_few_label_subsets_are_balanced_and_differ_between_draws() -> None:
+    script = load_script()
+    y = np.repeat(np.arange(4), 25)
+    draws = [script.few_label_subset(y, 5, 7 + 1000 * j) for j in range(3)]  # the script's draw seeds
+    for idx in draws:
+        assert np.bincount(y[idx], minlength=4).tolist() == [5, 5, 5, 5]
+    assert len({tuple(idx) for idx in draws}) == 3
+    assert np.array_equal(script.few_label_subset(y, None, 0), np.arange(100))
+
+
+def test_bad_subsets_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["text", "--subsets", "0"])
+    assert exit_info.value.code == 2
+    assert "--subsets must be at least 1, got 0" in capsys.readouterr().err
