@@ -105,6 +105,15 @@ def test_experiments_compose_with_reference_values(tmp_path: Path) -> None:
     assert aud.objective.ema.anneal_steps == 30000 and aud.masking.mask_length == 10
 
 
+def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path: Path) -> None:
+    """modality=text's tiny preset masks 30% (chosen by probes, docs/presets.md), BERT-style; the
+    masking=text option and the 2.0 objective keep their published shares."""
+    tiny = compose_cfg(["modality=text"], tmp_path).masking
+    assert (tiny.kind, tiny.mask_prob, tiny.leave_unmasked_prob, tiny.random_token_prob) == ("token", 0.3, 0.1, 0.1)
+    assert compose_cfg(["modality=text", "masking=text"], tmp_path).masking.mask_prob == 0.15
+    assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.48
+
+
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainer_configs_instantiate(option: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"trainer={option}"], tmp_path)
