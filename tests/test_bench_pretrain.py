@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from scripts_loader import load_script
 
 pytest.importorskip("transformers")
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pretrain.py"
 
 
 def test_bench_pretrain_runs_every_variant_at_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_pretrain", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["bench_pretrain"] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    bench = load_script("bench_pretrain")
     rows = bench.main(["--sizes", "tiny", "--steps", "1", "--batch", "2", "--seconds", "0.5", "--length", "32",
                        "--clones", "3"])
     assert len(rows) == 12

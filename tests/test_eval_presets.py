@@ -3,25 +3,13 @@ are measurements, documented in docs/presets.md, not tests)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_presets.py"
-
-
-def load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("eval_presets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script
 
 
 def test_few_label_subsets_are_balanced_and_differ_between_draws() -> None:
-    script = load_script()
+    script = load_script("eval_presets")
     y = np.repeat(np.arange(4), 25)
     draws = [script.few_label_subset(y, 5, 7 + 1000 * j) for j in range(3)]  # the script's draw seeds
     for idx in draws:
@@ -32,6 +20,6 @@ def test_few_label_subsets_are_balanced_and_differ_between_draws() -> None:
 
 def test_bad_subsets_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["text", "--subsets", "0"])
+        load_script("eval_presets").main(["text", "--subsets", "0"])
     assert exit_info.value.code == 2
     assert "--subsets must be at least 1, got 0" in capsys.readouterr().err

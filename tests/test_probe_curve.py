@@ -4,25 +4,15 @@ no figures asserted: the real curves are measurements, not tests)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_curve.py"
-
-
-def load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("probe_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script
 
 
 def test_probe_curve_runs_both_objectives_and_writes_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    module = load_script()
+    module = load_script("probe_curve")
     module.main(["vision", "--every", "2", "--out", str(tmp_path), "--", "trainer.max_steps=4", "data.batch_size=16"])
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "curves.csv").open()))
@@ -42,7 +32,7 @@ def test_probe_curve_runs_both_objectives_and_writes_curves(tmp_path: Path, caps
 
 
 def test_time_to_reach() -> None:
-    module = load_script()
+    module = load_script("probe_curve")
     curve = [(50, 10.0, 0.5), (100, 20.0, 0.8), (150, 30.0, 0.9)]
     assert module.time_to_reach(curve, 0.8) == 20.0
     assert module.time_to_reach(curve, 0.95) is None
