@@ -91,6 +91,12 @@ def few_label_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
     return np.asarray(sorted(keep))
 
 
+def few_label_draws(y: np.ndarray, k: int | None, seed: int, draws: int) -> list[np.ndarray]:
+    """``draws`` few-label subsets of a seed (draw j seeded ``seed + 1000 j``: the first is the draw the
+    script made before it averaged several); one subset, every index, when k is None."""
+    return [few_label_subset(y, k, seed + 1000 * j) for j in range(draws if k is not None else 1)]
+
+
 def pretrain(modality: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
     """The default pretraining command (skipped when its checkpoint exists); returns wall seconds."""
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             xv, _ = encoder_features(enc, probes.val, probes.collate_fn)
             feats[name] = (xt, xv)
         for col, k in columns:
-            subsets = [few_label_subset(y_train, k, seed + 1000 * j) for j in range(args.subsets if k else 1)]
+            subsets = few_label_draws(y_train, k, seed, args.subsets)
             for name, (xt, xv) in feats.items():
                 record(name, col, float(np.mean([linear_probe(xt[i], y_train[i], xv, y_val, C=args.C) for i in subsets])))
         print(f"seed {seed}: " + ", ".join(f"{n} {v[columns[0][0]][-1]:.3f}/{v['all labels'][-1]:.3f}" for n, v in rows.items()), flush=True)

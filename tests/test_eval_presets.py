@@ -11,11 +11,14 @@ from scripts_loader import load_script
 def test_few_label_subsets_are_balanced_and_differ_between_draws() -> None:
     script = load_script("eval_presets")
     y = np.repeat(np.arange(4), 25)
-    draws = [script.few_label_subset(y, 5, 7 + 1000 * j) for j in range(3)]  # the script's draw seeds
+    draws = script.few_label_draws(y, 5, 7, 3)
+    assert len(draws) == 3
     for idx in draws:
         assert np.bincount(y[idx], minlength=4).tolist() == [5, 5, 5, 5]
     assert len({tuple(idx) for idx in draws}) == 3
-    assert np.array_equal(script.few_label_subset(y, None, 0), np.arange(100))
+    assert np.array_equal(draws[0], script.few_label_subset(y, 5, 7))  # the one draw the script made before
+    (everything,) = script.few_label_draws(y, None, 7, 3)
+    assert np.array_equal(everything, np.arange(100))
 
 
 def test_bad_subsets_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
