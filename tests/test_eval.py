@@ -317,6 +317,30 @@ def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "probe.C" in capsys.readouterr().err
 
 
+def test_end_of_run_probe_reuses_the_features_of_a_probe_at_the_same_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last update is often also a periodic probe's: the end-of-run comparison then fits on the
+    features that probe extracted instead of running the encoder over the probe sets again."""
+    from types import SimpleNamespace
+
+    from d2v_train.data import DigitsDataModule
+    from d2v_train.lightning.callbacks import OnlineProbe
+
+    callback = OnlineProbe(every_n_updates=2, final_C=1.0)
+    callback.probe = DigitsDataModule(batch_size=64, image_size=8).probe_sets()
+    encoder = build_encoder("vision", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                           image_size=8, patch_size=2, num_channels=3)).eval()  # fmt: skip
+    module = SimpleNamespace(student=encoder)
+    extracted: list[int] = []
+    features = OnlineProbe._features
+    monkeypatch.setattr(OnlineProbe, "_features", lambda self, enc: extracted.append(1) or features(self, enc))
+    periodic = callback._run(module, 4)
+    final = callback._run(module, 4, final=True)
+    assert len(extracted) == 1
+    assert final["linear_acc"] == periodic["linear_acc"] and 0.0 <= final["final_linear_acc"] <= 1.0
+    callback._run(module, 5, final=True)  # another update: the encoder may have changed
+    assert len(extracted) == 2
+
+
 def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Any ProbeSets plugs in: variable-length token sequences (padding) through a text run."""
     import logging

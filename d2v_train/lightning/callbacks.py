@@ -165,6 +165,7 @@ class OnlineProbe(L.Callback):
         self.line = ""  # the end-of-run comparison line (and warning)
         self.seconds = 0.0  # time spent probing
         self._last_step = -1
+        self._features_at: Optional[tuple[int, tuple[Any, Any]]] = None  # (update, features) of the last periodic probe
         self.train_s = 0.0  # training wall time before this process's start (from a resumed checkpoint)
         self._start = 0.0  # perf_counter at this process's train start
         self._paused = 0.0  # seconds of this process spent probing or validating
@@ -202,17 +203,24 @@ class OnlineProbe(L.Callback):
         except Exception as e:  # a monitor must never stop a run
             log.warning("online probe off: the data module's probe_sets() failed: %s: %s", type(e).__name__, e)
 
-    def evaluate(self, encoder: torch.nn.Module, final: bool = False) -> dict[str, float]:
-        """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets; ``final``: the
-        end-of-run comparison, which adds ``d2v-eval``'s linear probe (scikit-learn, ``final_C``)."""
+    def _features(self, encoder: torch.nn.Module) -> tuple[Any, Any]:
+        """``encoder``'s pooled features of the probe's training and validation sets."""
         from d2v_train.eval.features import extract_features
+
+        kw = dict(collate_fn=self.probe.collate_fn, batch_size=self.batch_size)
+        train = extract_features(encoder, self.probe.train, self.pooling, **kw)
+        val = extract_features(encoder, self.probe.val, self.pooling, **kw)
+        assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
+        return train, val
+
+    def evaluate(self, encoder: torch.nn.Module, final: bool = False, features: Optional[tuple[Any, Any]] = None) -> dict[str, float]:
+        """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets (``features``:
+        already extracted from it); ``final``: the end-of-run comparison, which adds ``d2v-eval``'s
+        linear probe (scikit-learn, ``final_C``)."""
         from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, torch_linear_probe
 
         p = self.probe
-        kw = dict(collate_fn=p.collate_fn, batch_size=self.batch_size)
-        train = extract_features(encoder, p.train, self.pooling, **kw)
-        val = extract_features(encoder, p.val, self.pooling, **kw)
-        assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
+        train, val = features if features is not None else self._features(encoder)
         out = {
             "linear_acc": torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C),
             "knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
@@ -223,10 +231,16 @@ class OnlineProbe(L.Callback):
             out["final_linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["final_linear_C"])
         return out
 
-    def _run(self, pl_module: Any, final: bool = False) -> dict[str, float]:
+    def _run(self, pl_module: Any, step: int, final: bool = False) -> dict[str, float]:
         start = time.perf_counter()
         trained = self._train_seconds()
-        out = self.evaluate(pl_module.student, final)
+        # the end-of-run probe right after a periodic one at the same update reuses its features
+        if self._features_at is not None and self._features_at[0] == step:
+            features = self._features_at[1]
+        else:
+            features = self._features(pl_module.student)
+        self._features_at = None if final else (step, features)
+        out = self.evaluate(pl_module.student, final, features)
         self.seconds += time.perf_counter() - start
         self._paused += time.perf_counter() - start
         return {**out, "train_s": trained}
@@ -238,7 +252,7 @@ class OnlineProbe(L.Callback):
         if step == self._last_step:
             return  # under gradient accumulation: once per update
         self._last_step = step
-        out = self._run(pl_module)
+        out = self._run(pl_module, step)
         # straight to the loggers, on the row of this update (``self.log`` from a callback hook would
         # repeat the value on every later row of the epoch); a resume from this update keeps it
         self._log(trainer, {f"probe/{k}": v for k, v in out.items()}, step - 1)
@@ -253,7 +267,7 @@ class OnlineProbe(L.Callback):
             return
         if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
             return  # stopped early (pre-emption, collapse): the resumed run probes its own end
-        metrics = {f"probe/{k}": v for k, v in self._run(pl_module, final=True).items()}  # the curve's last point too
+        metrics = {f"probe/{k}": v for k, v in self._run(pl_module, trainer.global_step, final=True).items()}  # the curve's last point too
         if self.compare_random_init:
             from d2v_train.models import build_encoder
 
