@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -158,6 +159,10 @@ def test_poolings_and_padding_aware_mean() -> None:
     assert embed(vision, pixels, "cls").shape == (3, 16)
     assert embed(vision, pixels, "topk", top_k=2).shape == (3, 16)
     assert embed(vision, pixels, "grid", grid=2).shape == (3, 64)
+    with torch.no_grad():  # topk: each of the top blocks layer-normalised per token, averaged, CLS left out
+        blocks = vision.eval()(pixels, output_hidden_states=True).hidden_states[-2:]
+        normed = [F.layer_norm(b[:, 1:], (16,)) for b in blocks]
+    assert torch.allclose(embed(vision, pixels, "topk", top_k=2), ((normed[0] + normed[1]) / 2).mean(1), atol=1e-5)
     vision.train()
     embed(vision, pixels)
     assert vision.training  # the caller's mode is restored

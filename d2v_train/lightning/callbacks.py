@@ -213,19 +213,21 @@ class OnlineProbe(L.Callback):
         assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
         return train, val
 
-    def evaluate(self, encoder: torch.nn.Module, final: bool = False, features: Optional[tuple[Any, Any]] = None) -> dict[str, float]:
+    def evaluate(
+        self, encoder: torch.nn.Module, final: bool = False, features: Optional[tuple[Any, Any]] = None, curve: bool = True
+    ) -> dict[str, float]:
         """Linear-probe and kNN accuracy of ``encoder``'s features on the probe sets (``features``:
         already extracted from it); ``final``: the end-of-run comparison, which adds ``d2v-eval``'s
-        linear probe (scikit-learn, ``final_C``)."""
+        linear probe (scikit-learn, ``final_C``); ``curve=False`` leaves out the fixed-C linear probe
+        that only the run's own curve logs."""
         from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, torch_linear_probe
 
         p = self.probe
         train, val = features if features is not None else self._features(encoder)
-        out = {
-            "linear_acc": torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C),
-            "knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
-                                    k=self.knn_k, temperature=self.knn_temperature),
-        }  # fmt: skip
+        out = {"knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
+                                       k=self.knn_k, temperature=self.knn_temperature)}  # fmt: skip
+        if curve:
+            out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C)
         if final:
             out["final_linear_C"] = resolve_C(self.final_C, train.features, train.labels)
             out["final_linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["final_linear_C"])
@@ -276,7 +278,7 @@ class OnlineProbe(L.Callback):
                 torch.manual_seed(int(getattr(pl_module, "seed", 0)))
                 fresh = build_encoder(student.modality, student.config).to(next(student.parameters()).device)
             start = time.perf_counter()
-            fresh_out = self.evaluate(fresh, final=True)
+            fresh_out = self.evaluate(fresh, final=True, curve=False)
             metrics.update({"probe/random_init_linear_acc": fresh_out["final_linear_acc"], "probe/random_init_linear_C": fresh_out["final_linear_C"],
                             "probe/random_init_knn_acc": fresh_out["knn_acc"]})  # fmt: skip
             self.seconds += time.perf_counter() - start
