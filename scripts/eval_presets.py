@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from d2v_train.eval.baselines import logmel_features, tfidf_features
+
 FEW_LABELS = {"text": 10, "audio": 4}
 
 
@@ -47,36 +49,6 @@ def encoder_features(encoder: torch.nn.Module, dataset: Any, collate_fn: Callabl
         feats.append(((x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).numpy())
         labels.append(batch["labels"].numpy())
     return np.concatenate(feats), np.concatenate(labels)
-
-
-def tfidf_features(train: Any, val: Any) -> tuple[np.ndarray, np.ndarray]:
-    """TF-IDF over the probe's own tokens (unigrams and bigrams), fitted on the training texts."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    def docs(ds: Any) -> list[str]:
-        return [" ".join(map(str, ds[i]["inputs"].tolist()[1:-1])) for i in range(len(ds))]
-
-    vec = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    x_train = vec.fit_transform(docs(train))
-    return x_train.toarray(), vec.transform(docs(val)).toarray()
-
-
-def logmel_features(train: Any, val: Any, frames: int = 24, mels: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """Log-mel spectrogram (25 ms windows, 10 ms hop) resized to a fixed number of frames: keeps the
-    word's time course, so it is a strong baseline for single words."""
-    import torchaudio
-
-    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=mels)
-
-    def feats(ds: Any) -> np.ndarray:
-        out = []
-        for i in range(len(ds)):
-            spec = torch.log(mel(ds[i]["inputs"].float()) + 1e-6)  # (mels, T)
-            spec = torch.nn.functional.interpolate(spec[None], size=frames, mode="linear", align_corners=False)[0]
-            out.append(spec.flatten().numpy())
-        return np.stack(out)
-
-    return feats(train), feats(val)
 
 
 def few_label_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:

@@ -374,6 +374,7 @@ def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyP
             return self.items[i]
 
     def probe_sets(self: Any) -> ProbeSets:
+        self.setup("fit")  # as the real one: the collator needs the tokenizer's pad id
         return ProbeSets("halves", Sequences(60, 0), Sequences(20, 1), 2, self.collate_fn)
 
     monkeypatch.setattr(DocstringsDataModule, "probe_sets", probe_sets)
@@ -385,3 +386,89 @@ def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "probe on halves" in out and "same architecture at random init" in out
     probes = [r for r in rows(tmp_path / "run") if r.get("probe/linear_acc")]
     assert probes and float(probes[-1]["probe/linear_acc"]) > 0.9  # separable whatever the padding
+
+    # d2v-eval on the text run, no data=: the run's own data module and tokenizer, and TF-IDF as the baseline
+    from d2v_train.eval.app import main
+
+    main([f"checkpoint={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'eval'}", "labels_per_class=[all]", "seeds=1",
+          "finetune.enabled=false"])  # fmt: skip
+    assert "probe data: data=docstrings as the run configured it" in (tmp_path / "eval" / "eval.log").read_text()
+    results = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
+    assert {r["encoder"] for r in results} == {"TF-IDF", "random init", "pretrained"}
+    assert all(float(r["accuracy"]) == 1.0 for r in results if r["encoder"] == "TF-IDF")  # one token per class
+
+
+def test_raw_baselines_fit_each_kind_of_input() -> None:
+    """Pixels flattened, TF-IDF over token ids, log-mel of waveforms: each separates a task its
+    inputs make easy, so a baseline row is a real baseline, not a placeholder."""
+    from d2v_train.data import DigitsDataModule
+    from d2v_train.data.collate import collate_audio
+    from d2v_train.eval.baselines import LOGMEL, PIXELS, TFIDF, raw_baseline
+
+    def accuracy(baseline: Any) -> float:
+        name, tr, va = baseline
+        return linear_probe(tr.features, tr.labels, va.features, va.labels, C=1.0)
+
+    probe = DigitsDataModule(batch_size=64, image_size=8).probe_sets()
+    pixels = raw_baseline(probe.train, probe.val, probe.collate_fn)
+    assert pixels is not None and pixels[0] == PIXELS and pixels[1].features.shape[1] == 3 * 8 * 8
+    assert accuracy(pixels) > 0.9
+
+    g = torch.Generator().manual_seed(0)
+
+    def texts(n: int) -> list[dict[str, Any]]:  # class c: BOS, words drawn from its own 5 ids and shared ones, EOS
+        out = []
+        for i in range(n):
+            c = i % 3
+            ids = torch.cat([torch.randint(10 + 5 * c, 15 + 5 * c, (4,), generator=g), torch.randint(40, 60, (8,), generator=g)])
+            out.append({"inputs": torch.cat([torch.tensor([0]), ids[torch.randperm(12, generator=g)], torch.tensor([2])]), "labels": c})
+        return out
+
+    tfidf = raw_baseline(texts(60), texts(30), collate_audio)  # collate unused: texts are read item by item
+    assert tfidf is not None and tfidf[0] == TFIDF and accuracy(tfidf) == 1.0
+
+    def tones(n: int) -> list[dict[str, Any]]:  # class c: a tone at 300 or 2,000 Hz, random length, noise
+        out = []
+        for i in range(n):
+            c, length = i % 2, int(torch.randint(4000, 12000, (1,), generator=g))
+            t = torch.arange(length) / 16000
+            wave = torch.sin(2 * torch.pi * (300 if c == 0 else 2000) * t) + 0.3 * torch.randn(length, generator=g)
+            out.append({"inputs": wave, "labels": c})
+        return out
+
+    logmel = raw_baseline(tones(20), tones(10), collate_audio)
+    assert logmel is not None and logmel[0] == LOGMEL and logmel[1].features.shape == (20, 24 * 40)
+    assert accuracy(logmel) == 1.0
+    assert raw_baseline([], tones(2), collate_audio) is None
+
+
+def test_d2v_eval_picks_the_probe_data_of_the_checkpoint(tmp_path: Path) -> None:
+    """No data=: a run dir on embedded data gives its own data section (its split and settings),
+    anything else the modality's embedded task; data= always wins."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from d2v_train.eval.app import _data_config
+
+    def source(path: Path, modality: str) -> Any:
+        return SimpleNamespace(path=path, encoder=SimpleNamespace(modality=modality))
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save({"data": {"_target_": "d2v_train.data.DocstringsDataModule", "path": None, "vocab_size": 512}}, run / "config.yaml")
+    for given in (run, run / "checkpoints" / "last.ckpt"):
+        cfg = OmegaConf.create({})
+        assert _data_config(cfg, source(given, "text")) == "data=docstrings as the run configured it"
+        assert cfg.data.vocab_size == 512
+    cfg = OmegaConf.create({})
+    assert _data_config(cfg, source(run, "audio")) == "data=speech"  # the run's data is not audio's task
+    assert cfg.data._target_ == "d2v_train.data.SpeechDataModule"
+    OmegaConf.save({"data": {"_target_": "d2v_train.data.DocstringsDataModule", "path": "/my/corpus"}}, run / "config.yaml")
+    cfg = OmegaConf.create({})
+    assert _data_config(cfg, source(run, "text")) == "data=docstrings"  # a user's corpus has no labelled task
+    assert cfg.data.path is None
+    cfg = OmegaConf.create({})
+    assert _data_config(cfg, source(tmp_path / "export", "vision")) == "data=digits"
+    cfg = OmegaConf.create({"data": {"_target_": "x.Y"}})
+    assert _data_config(cfg, source(run, "text")) == "data= as given" and cfg.data._target_ == "x.Y"

@@ -1,14 +1,16 @@
 """``d2v-eval`` / ``python -m d2v_train.eval.app``: the representation report of a checkpoint.
 
-    d2v-eval checkpoint=RUN_DIR                                # digits, 1/10/100/all labels, 3 seeds
+    d2v-eval checkpoint=RUN_DIR                                # its probe task, 1/10/100/all labels, 3 seeds
     d2v-eval checkpoint=model_dir data=digits labels_per_class=[10,all] seeds=5 finetune.enabled=false
 
 For the checkpoint's encoder and the same architecture at random initialisation (built from the
 same config under ``seed``): linear probe, weighted kNN and a fixed-budget fine-tune on the data's
 labelled probe task (``probe_sets()``), at every ``labels_per_class`` (class-balanced subsets drawn
-with seeds ``seed .. seed + seeds - 1``; "all" is one deterministic row), plus the raw inputs with
-the same probes. Output dir: ``results.csv`` (one row per measurement), ``results.md`` (mean ± sample
-std over seeds) and ``results.png``; the table is printed. ``evaluate(cfg)`` is usable from Python.
+with seeds ``seed .. seed + seeds - 1``; "all" is one deterministic row), plus the baseline a user
+would try first, with the same probes (raw pixels, TF-IDF over the tokens or log-mel: ``baselines``).
+Without ``data=`` the probe task is the run's own embedded data, else the modality's. Output dir:
+``results.csv`` (one row per measurement), ``results.md`` (mean ± sample std over seeds) and
+``results.png``; the table is printed. ``evaluate(cfg)`` is usable from Python.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from d2v_train.cli import ConfigError, UserError, run_app
+from d2v_train.cli import ConfigError, UserError, config_dir, run_app
+
+from .baselines import LOGMEL, PIXELS, TFIDF
+
+BASELINES = (PIXELS, TFIDF, LOGMEL)
 
 __all__ = ["evaluate", "main", "results_table"]
 
@@ -30,6 +36,9 @@ log = logging.getLogger("d2v_train.eval")
 
 FIELDS = ("encoder", "method", "labels_per_class", "seed", "accuracy", "C")
 METHODS = ("linear", "knn", "finetune")
+ROW_ORDER = (*BASELINES, "random init", "pretrained")
+# without data=: the embedded labelled task of the checkpoint's modality (configs/data/<name>.yaml)
+MODALITY_PROBE_DATA = {"vision": "digits", "text": "docstrings", "audio": "speech"}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -69,7 +78,7 @@ def _lpc_name(k: Optional[int]) -> str:
     return "all" if k is None else str(k)
 
 
-def _load(cfg: DictConfig) -> tuple[Any, Optional[Path]]:
+def _load(cfg: DictConfig) -> Any:
     from d2v_train.interop.sources import load_source
 
     path = Path(str(cfg.checkpoint)).expanduser()
@@ -79,7 +88,42 @@ def _load(cfg: DictConfig) -> tuple[Any, Optional[Path]]:
         loaded = load_source(path, weights=str(cfg.weights))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: {e}") from None
-    return loaded.encoder.eval(), loaded.tokenizer
+    loaded.encoder.eval()
+    return loaded
+
+
+def _run_data(source: Path) -> Optional[DictConfig]:
+    """The ``data`` section of the d2v-pretrain run a checkpoint comes from, when it pretrained on
+    embedded data (``path: null``: its labelled probe task exists and the run's split is known)."""
+    folder = source if source.is_dir() else source.parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        return None
+    try:
+        data = OmegaConf.load(config_file).get("data")
+    except Exception:  # not a run's config: fall back to the modality's probe task
+        return None
+    if not isinstance(data, DictConfig) or "_target_" not in data or data.get("path") is not None:
+        return None
+    return data
+
+
+def _data_config(cfg: DictConfig, loaded: Any) -> str:
+    """Fills ``cfg.data`` when ``data=`` was not given: the run's own data (same split, vocabulary
+    and tokenizer as the pretraining saw), else the modality's embedded labelled task. Says which."""
+    if cfg.get("data") is not None:
+        return "data= as given"
+    name = MODALITY_PROBE_DATA[loaded.encoder.modality]
+    data = OmegaConf.load(Path(config_dir()) / "data" / f"{name}.yaml")
+    origin = f"data={name}"
+    run_data = _run_data(loaded.path)
+    if run_data is not None and run_data.get("_target_") == data.get("_target_"):
+        data, origin = run_data, f"data={name} as the run configured it"
+    with open_dict(cfg):
+        cfg.data = data
+    return origin
 
 
 def _datamodule(cfg: DictConfig, encoder: Any, tokenizer: Optional[Path]) -> Any:
@@ -98,26 +142,11 @@ def _datamodule(cfg: DictConfig, encoder: Any, tokenizer: Optional[Path]) -> Any
     return dm
 
 
-def _raw(dataset: Any, collate_fn: Any) -> Optional[Any]:
-    """The raw inputs flattened (fixed-size inputs only), as ``Features``."""
-    from torch.utils.data import DataLoader
-
-    from .features import Features
-
-    xs, ys = [], []
-    loader = DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
-    for batch in loader:
-        if batch.get("padding_mask") is not None or not batch["inputs"].is_floating_point():
-            return None
-        xs.append(batch["inputs"].flatten(1).float())
-        ys.append(batch["labels"])
-    return Features(torch.cat(xs), torch.cat(ys))
-
-
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Every measurement of the table (see the module docstring); writes the output files."""
     from d2v_train.models import build_encoder
 
+    from .baselines import raw_baseline
     from .features import extract_features
     from .finetune import FinetuneBudget, finetune_accuracy
     from .probe import few_label_indices, knn_accuracy, linear_probe, resolve_C
@@ -125,8 +154,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     start = time.perf_counter()
     out_dir = Path(str(cfg.run_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder, tokenizer = _load(cfg)
-    dm = _datamodule(cfg, encoder, tokenizer)
+    loaded = _load(cfg)
+    encoder = loaded.encoder
+    log.info("probe data: %s", _data_config(cfg, loaded))
+    dm = _datamodule(cfg, encoder, loaded.tokenizer)
     try:
         probe = dm.probe_sets()
     except Exception as e:
@@ -148,9 +179,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                        extract_features(enc, probe.val, str(cfg.pooling), **kw))  # fmt: skip
         enc.cpu()
     if cfg.get("raw_baseline", True):
-        raw = (_raw(probe.train, probe.collate_fn), _raw(probe.val, probe.collate_fn))
-        if raw[0] is not None and raw[1] is not None:
-            feats["raw inputs"] = raw  # type: ignore[assignment]
+        baseline = raw_baseline(probe.train, probe.val, probe.collate_fn, sample_rate=int(getattr(dm, "sample_rate", 16000)))
+        if baseline is not None:
+            feats[baseline[0]] = baseline[1:]  # type: ignore[assignment]
     train_labels = feats["pretrained"][0].labels
     assert train_labels is not None, "probe sets must carry labels"
 
@@ -199,7 +230,7 @@ def results_table(rows: list[dict[str, Any]], lpcs: list[str]) -> str:
         key = (r["encoder"], r["method"])
         if key not in keys:
             keys.append(key)
-    keys.sort(key=lambda kv: (["raw inputs", "random init", "pretrained"].index(kv[0]) if kv[0] in ("raw inputs", "random init", "pretrained") else 9,
+    keys.sort(key=lambda kv: (ROW_ORDER.index(kv[0]) if kv[0] in ROW_ORDER else 9,
                               METHODS.index(kv[1]) if kv[1] in METHODS else 9))  # fmt: skip
     header = "| encoder | method | " + " | ".join(f"{k} labels/class" if k != "all" else "all labels" for k in lpcs) + " |"
     lines = [header, "|---|---|" + "---|" * len(lpcs)]
@@ -223,8 +254,8 @@ def plot_results(rows: list[dict[str, Any]], lpcs: list[str], path: Path, title:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"linear": "-", "knn": ":", "finetune": "--"}
-    colors = {"pretrained": "tab:blue", "random init": "tab:grey", "raw inputs": "tab:orange"}
-    for enc in ("pretrained", "random init", "raw inputs"):
+    colors = {"pretrained": "tab:blue", "random init": "tab:grey", **{b: "tab:orange" for b in BASELINES}}
+    for enc in ROW_ORDER:
         for method in METHODS:
             pts = [(i, spread([r["accuracy"] for r in rows if r["encoder"] == enc and r["method"] == method and r["labels_per_class"] == k]))
                    for i, k in enumerate(lpcs)]  # fmt: skip
