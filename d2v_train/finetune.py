@@ -233,6 +233,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
+    from d2v_train.lightning.callbacks import CloseProcessGroup
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO
     from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.finetune import FineTuning
@@ -265,7 +266,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if trainer_args.get("strategy") in ("ddp", "ddp_spawn"):
         # frozen blocks (freeze_encoder_steps), an unused pooler: a head may leave parameters unused
         trainer_args["strategy"] = f"{trainer_args['strategy']}_find_unused_parameters_true"
-    callbacks = drop_disabled([*_callbacks(cfg, metric, mode), QuietWorkers()], trainer_args)
+    callbacks = drop_disabled([*_callbacks(cfg, metric, mode), QuietWorkers(), CloseProcessGroup()], trainer_args)
     trainer = L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer
 
@@ -309,6 +310,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """The whole run: seed, build, fit with validation each epoch, report, export, ``result.json``."""
     import lightning as L
 
+    from d2v_train.lightning.checkpointing import updates_done
     from d2v_train.lightning.sweep import record_job
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -330,7 +332,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if best is not None:
         metrics[f"best/{metric.split('/', 1)[1]}"] = float(best)
     metrics["wall_s"] = wall
-    metrics["global_step"] = float(trainer.global_step)
+    updates = updates_done(trainer, run_dir / "checkpoints" / "last.ckpt")
+    metrics["global_step"] = float(updates)
     if trainer.is_global_zero:
         if cfg.get("export", True) and not getattr(trainer, "interrupted", False):
             try:
@@ -339,7 +342,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logged, step = read_metrics(run_dir / METRICS_FILE)
                 record = RunRecord(kind="finetuning", source=Path(best_path) if best_path else None, run_dir=run_dir,
                                    config=plain(cfg), hparams=dict(module.hparams), metrics={**logged, **metrics},
-                                   step=step, updates=trainer.global_step, datamodule=dm)
+                                   step=step, updates=updates, datamodule=dm)
                 tokenizer = getattr(dm, "tokenizer_path", None)
                 export_best(module, best_path, run_dir / "model", record, Path(tokenizer) if tokenizer else None)
             except (TypeError, ValueError) as e:  # e.g. a head without a transformers class
@@ -348,7 +351,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         final = metrics.get(metric)
         shown = f"{metric} {final:.4f}" if final is not None else f"no {metric}"
         best_s = f" (best {float(best):.4f}, {Path(best_path).name})" if best is not None else ""
-        log.info(f"d2v-finetune: done: {trainer.global_step} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
+        log.info(f"d2v-finetune: done: {updates} updates in {wall:.1f} s; final {shown}{best_s}; run dir {run_dir}")
     return metrics
 
 

@@ -112,6 +112,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
+    from d2v_train.lightning.callbacks import CloseProcessGroup
     from d2v_train.lightning.checkpointing import AtomicCheckpointIO, ExactResume
     from d2v_train.lightning.console import QuietWorkers, drop_disabled
     from d2v_train.lightning.loggers import RunCSVLogger
@@ -165,7 +166,7 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
     if not any(isinstance(lg, CSVLogger) for lg in loggers):  # metrics.csv is always written
         loggers.insert(0, RunCSVLogger(save_dir=str(cfg.run_dir)))
     # ExactResume is part of correctness (like the EMA step), not an optional callback
-    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume(), QuietWorkers()]
+    callbacks = [*_instantiate_named(cfg.get("callbacks")), ExactResume(), QuietWorkers(), CloseProcessGroup()]
     trainer_args = plain(cfg.trainer)
     trainer_args["strategy"] = ddp_strategy(trainer_args.get("strategy", "auto"), encoder)
     accumulate = int(trainer_args.get("accumulate_grad_batches") or 1)
@@ -185,16 +186,6 @@ def ddp_strategy(strategy: Any, encoder: Any) -> Any:
     if float(getattr(encoder.config, "layerdrop", 0.0) or 0.0) > 0:
         return f"{strategy}_find_unused_parameters_true"
     return strategy
-
-
-def updates_done(trainer: Any, last: Path) -> int:
-    """The number of updates the fit made. Under ``ddp_spawn`` the training ran in child processes and
-    this process's trainer still reads 0, so the count comes from the final checkpoint they wrote."""
-    if trainer.global_step or not last.is_file():
-        return int(trainer.global_step)
-    from d2v_train.lightning.checkpointing import load_checkpoint_safely
-
-    return int(load_checkpoint_safely(last).get("global_step", 0))
 
 
 def _instantiate_loggers(cfg: DictConfig) -> list[Any]:
@@ -239,7 +230,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from d2v_train.lightning.callbacks import OnlineProbe, TrainingCollapsedError
-    from d2v_train.lightning.checkpointing import ExactResume, final_state_saved, resolve_ckpt_path
+    from d2v_train.lightning.checkpointing import ExactResume, final_state_saved, resolve_ckpt_path, updates_done
     from d2v_train.lightning.preemption import PreemptionCheckpoint
 
     missing = sorted(OmegaConf.missing_keys(cfg))

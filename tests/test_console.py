@@ -1,6 +1,6 @@
 """What ``d2v-pretrain`` shows: progress in updates towards max_steps, no boilerplate, a one-line model
-summary, ``pretrain.log`` holding the same lines, skipped files in ``metrics.csv``, and a DDP-on-CPU
-run reporting the updates it made."""
+summary, ``pretrain.log`` holding the same lines, skipped files in ``metrics.csv``, and DDP-on-CPU
+pretraining and fine-tuning runs reporting the updates they made."""
 
 from __future__ import annotations
 
@@ -60,3 +60,11 @@ def test_ddp_cpu_reports_its_updates(tmp_path: Path) -> None:
     # one row per update (the online probe's final row comes after the last update)
     rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
+
+    # fine-tuning that encoder the same way counts its updates too (they ran in the spawned workers)
+    finetune = Path(sys.executable).with_name("d2v-finetune")
+    head = [str(finetune)] if finetune.is_file() else [sys.executable, "-m", "d2v_train.finetune"]
+    proc = subprocess.run([*head, f"pretrained={run_dir}", f"hydra.run.dir={tmp_path / 'ft'}", "trainer=ddp_cpu",
+                           "trainer.max_steps=3", "data.batch_size=8"], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "d2v-finetune: done: 3 updates" in proc.stdout + proc.stderr

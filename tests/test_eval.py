@@ -220,6 +220,9 @@ def test_online_probe_validation_and_end_of_run_line(tiny_run: tuple[Path, str])
     assert [int(r["step"]) for r in train_rows] == list(range(4))
     assert "same architecture at random init" in out and "after 4 updates" in out
     final = probes[-1]
+    # ... and the baseline on the same task: the raw pixels, probed the same way (nearly separable)
+    assert float(final["probe/baseline_linear_acc"]) > 0.9 and float(final["probe/baseline_linear_C"]) in CV_GRID
+    assert f"baseline (raw inputs) with the same probe {float(final['probe/baseline_linear_acc']):.3f}" in out
     if float(final["probe/final_linear_acc"]) < float(final["probe/random_init_linear_acc"]) + 0.01:
         assert "warning: pretraining did not beat" in out.lower()
     else:
@@ -440,6 +443,27 @@ def test_raw_baselines_fit_each_kind_of_input() -> None:
     assert logmel is not None and logmel[0] == LOGMEL and logmel[1].features.shape == (20, 24 * 40)
     assert accuracy(logmel) == 1.0
     assert raw_baseline([], tones(2), collate_audio) is None
+
+
+def test_baseline_probe_is_cached_per_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-of-run baseline figure depends only on the task: measured once, then read back."""
+    import d2v_train.eval.probe as probe_module
+    from d2v_train.data import DigitsDataModule
+    from d2v_train.eval.baselines import PIXELS, baseline_probe
+
+    monkeypatch.setenv("D2V_CACHE", str(tmp_path))
+    probe = DigitsDataModule(batch_size=64, image_size=8).probe_sets()
+    name, accuracy, C = baseline_probe(probe.train, probe.val, probe.collate_fn, 1.0)
+    assert name == PIXELS and accuracy > 0.9 and C == 1.0
+    assert len(list((tmp_path / "baselines").glob("*.json"))) == 1
+
+    def no_fit(*args: Any, **kwargs: Any) -> float:
+        raise AssertionError("the cached figure should have been used")
+
+    monkeypatch.setattr(probe_module, "linear_probe", no_fit)
+    assert baseline_probe(probe.train, probe.val, probe.collate_fn, 1.0) == (name, accuracy, C)
+    with pytest.raises(AssertionError, match="cached"):  # another C is another measurement
+        baseline_probe(probe.train, probe.val, probe.collate_fn, 0.1)
 
 
 def test_d2v_eval_picks_the_probe_data_of_the_checkpoint(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("mask_frac", "masked fraction", ("train/mask_frac",)),
     ("throughput", "throughput", ("train/samples_per_s", "train/tokens_per_s")),
     ("probe", "online probe accuracy", ("probe/linear_acc", "probe/knn_acc", "probe/final_linear_acc",
-                                        "probe/random_init_linear_acc", "probe/random_init_knn_acc")),
+                                        "probe/random_init_linear_acc", "probe/random_init_knn_acc",
+                                        "probe/baseline_linear_acc")),
 )  # fmt: skip
 SKIP = {"epoch", "step"}
 TEACHER_STILL_INIT = 0.9  # warn when the teacher is still more than this fraction of its initialisation

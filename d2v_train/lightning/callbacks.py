@@ -1,4 +1,5 @@
-"""Callbacks for pretraining runs: collapse monitor, non-finite loss guard, throughput, online probe.
+"""Callbacks for pretraining runs: collapse monitor, non-finite loss guard, throughput, online probe,
+and the clean end of a multi-process run (also used by fine-tuning).
 
 The EMA update itself lives in ``Data2VecPretraining.optimizer_step``: it is part of the method,
 so a run without callbacks is still correct. These callbacks read ``pl_module.last_stats`` (detached,
@@ -14,13 +15,29 @@ from typing import Any, Optional, Union
 import lightning as L
 import torch
 
-__all__ = ["CollapseMonitor", "NonFiniteLossGuard", "OnlineProbe", "ThroughputMonitor", "TrainingCollapsedError"]
+__all__ = ["CloseProcessGroup", "CollapseMonitor", "NonFiniteLossGuard", "OnlineProbe", "ThroughputMonitor", "TrainingCollapsedError"]
 
 log = logging.getLogger("d2v_train.pretrain")
 
 
 class TrainingCollapsedError(RuntimeError):
     """Raised when targets or predictions lose their variance (representation collapse)."""
+
+
+class CloseProcessGroup(L.Callback):
+    """Ends a multi-process run on every rank together: after the last hook, each rank waits for the
+    others (rank 0 may still be probing or saving) and closes the process group. Lightning leaves the
+    group to interpreter exit; a ``ddp_cpu`` worker that exited that way while rank 0 was still at
+    work once aborted in a test run (``terminate called without an active exception``, SIGABRT) and
+    failed a run that had finished. torch's documentation asks programs to close the group before
+    they exit; doing so once every rank is done takes that exit path away."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 class CollapseMonitor(L.Callback):
@@ -128,7 +145,10 @@ class OnlineProbe(L.Callback):
     some feature sets far more than others); logged as ``probe/final_linear_acc`` /
     ``probe/final_linear_C`` and ``probe/random_init_linear_acc`` / ``_linear_C`` / ``_knn_acc`` on
     an extra row (whose ``probe/linear_acc`` is the fixed-C curve's last point), with one comparison
-    line and a WARNING when pretraining did not beat it.
+    line and a WARNING when pretraining did not beat it. ``compare_baseline`` adds the baseline a user
+    would try first on the same task, probed the same way (raw pixels, TF-IDF or log-mel:
+    ``probe/baseline_linear_acc`` / ``_linear_C``), so the line also says whether the features are
+    worth their cost.
 
     Each probe row also carries ``probe/train_s``: seconds of training so far, probing and
     validation left out and carried across resumes, so runs of different objectives can be compared
@@ -147,6 +167,7 @@ class OnlineProbe(L.Callback):
         final_C: Union[float, str] = "cv",
         batch_size: int = 256,
         compare_random_init: bool = True,
+        compare_baseline: bool = True,
         margin: float = 0.01,
     ) -> None:
         self.every_n_updates = int(every_n_updates)
@@ -159,6 +180,8 @@ class OnlineProbe(L.Callback):
         self.final_C = parse_C(final_C)
         self.batch_size = int(batch_size)
         self.compare_random_init = bool(compare_random_init)
+        self.compare_baseline = bool(compare_baseline)
+        self.baseline_name = ""  # raw inputs | TF-IDF | log-mel, once measured
         self.margin = float(margin)
         self.probe: Any = None
         self.final: dict[str, float] = {}  # last results, for the run's summary
@@ -282,6 +305,8 @@ class OnlineProbe(L.Callback):
             metrics.update({"probe/random_init_linear_acc": fresh_out["final_linear_acc"], "probe/random_init_linear_C": fresh_out["final_linear_C"],
                             "probe/random_init_knn_acc": fresh_out["knn_acc"]})  # fmt: skip
             self.seconds += time.perf_counter() - start
+        if self.compare_baseline:
+            metrics.update(self._baseline(trainer))
         # a row after the last update's: a run resumed from this final checkpoint drops it (it probes
         # its own end again), so the history stays that of one straight run
         self._log(trainer, metrics, trainer.global_step)
@@ -290,6 +315,25 @@ class OnlineProbe(L.Callback):
         self.final = dict(metrics)
         if self.compare_random_init:
             self.line = self.report(trainer.global_step)
+
+    def _baseline(self, trainer: L.Trainer) -> dict[str, float]:
+        """The probe of the simple baseline on the same task (``d2v_train.eval.baselines``: raw
+        pixels, TF-IDF or log-mel), fitted as the end-of-run probe is; {} when none fits the data."""
+        from d2v_train.eval.baselines import baseline_probe
+
+        start = time.perf_counter()
+        p = self.probe
+        rate = int(getattr(getattr(trainer, "datamodule", None), "sample_rate", 16000))
+        try:
+            measured = baseline_probe(p.train, p.val, p.collate_fn, self.final_C, sample_rate=rate)
+        except Exception as e:  # a monitor must never stop a run
+            log.warning("no baseline in the end-of-run comparison: %s: %s", type(e).__name__, e)
+            return {}
+        self.seconds += time.perf_counter() - start
+        if measured is None:
+            return {}
+        self.baseline_name, acc, C = measured
+        return {"probe/baseline_linear_acc": acc, "probe/baseline_linear_C": C}
 
     def report(self, updates: int) -> str:
         """The end-of-run line (printed and logged), with a WARNING when pretraining did not help."""
@@ -302,6 +346,8 @@ class OnlineProbe(L.Callback):
             f"linear probe C {m['probe/final_linear_C']:g} / {m['probe/random_init_linear_C']:g}"
             f"{', chosen by 5-fold cross-validation on the labelled set' if self.final_C == 'cv' else ''})"
         )
+        if "probe/baseline_linear_acc" in m:
+            line += f"; baseline ({self.baseline_name}) with the same probe {m['probe/baseline_linear_acc']:.3f}"
         log.info(line)
         if lin < rnd + self.margin:
             warn = (

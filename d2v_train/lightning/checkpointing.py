@@ -46,6 +46,7 @@ __all__ = [
     "nonfinite_keys",
     "resolve_ckpt_path",
     "set_aside_attempt",
+    "updates_done",
     "LAST_CKPT",
 ]
 
@@ -326,3 +327,11 @@ def set_aside_attempt(run_dir: Path) -> Optional[Path]:
     for p in present:
         os.replace(p, target / p.name)
     return target
+
+
+def updates_done(trainer: L.Trainer, last: Path) -> int:
+    """The number of updates the fit made. Under ``ddp_spawn`` the training ran in child processes and
+    this process's trainer still reads 0, so the count comes from the final checkpoint they wrote."""
+    if trainer.global_step or not last.is_file():
+        return int(trainer.global_step)
+    return int(load_checkpoint_safely(last).get("global_step", 0))
