@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def tfidf_features(train: Dataset, val: Dataset) -> tuple[np.ndarray, np.ndarray
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     def docs(ds: Dataset) -> list[str]:
-        return [" ".join(map(str, ds[i]["inputs"].tolist()[1:-1])) for i in range(len(ds))]  # type: ignore[arg-type]
+        return [" ".join(map(str, torch.as_tensor(ds[i]["inputs"]).tolist()[1:-1])) for i in range(len(ds))]  # type: ignore[arg-type]
 
     vec = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     x_train = vec.fit_transform(docs(train))
@@ -83,7 +83,7 @@ def raw_baseline(train: Dataset, val: Dataset, collate_fn: Callable, *, sample_r
     does (e.g. an empty set, or variable-size images)."""
     if len(train) == 0 or len(val) == 0:  # type: ignore[arg-type]
         return None
-    inputs: Any = train[0]["inputs"]
+    inputs = torch.as_tensor(train[0]["inputs"])
     if not inputs.is_floating_point():
         name, (xt, xv) = TFIDF, tfidf_features(train, val)
     elif inputs.dim() == 1:
