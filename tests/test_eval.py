@@ -238,6 +238,10 @@ def test_report_from_the_run(tiny_run: tuple[Path, str], tmp_path: Path, capsys:
     for name in ("loss", "lr", "ema_decay", "std", "mask_frac", "throughput", "probe"):
         png = report / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG", name
+    from PIL import Image
+
+    with Image.open(report / "probe.png") as probe_plot:  # the references are levels over the curves: one panel
+        assert probe_plot.height < 400, probe_plot.size
     summary = (report / "summary.md").read_text()
     assert "updates: 4" in summary and "wall time" in summary and "val/loss" in summary
     assert "same architecture at random init" in summary  # the end-of-run line is kept

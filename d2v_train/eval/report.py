@@ -82,15 +82,17 @@ def _plot_group(series: Series, columns: Sequence[str], title: str, path: Path) 
     if not present:
         return None
     plt = _pyplot()
-    # columns on different scales (samples/s vs tokens/s) get their own panel
-    panels = [present] if title != "throughput" and len(present) <= 4 and title != "other" else [[c] for c in present]
+    # columns on different scales (samples/s vs tokens/s) get their own panel; single figures (the
+    # end-of-run references) are levels drawn over the curves they compare with
+    curves = sum(len(series[c]) > 1 for c in present)
+    panels = [present] if title not in ("throughput", "other") and curves <= 4 else [[c] for c in present]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels) + 0.6), squeeze=False)
     for ax, cols in zip(axes[:, 0], panels):
         for col in cols:
             steps, values = zip(*series[col])
-            if len(steps) == 1:  # a single figure (the random-init reference): a dashed level
+            if len(steps) == 1:  # a single figure (random init, baseline, end of run): a dashed level
                 ax.axhline(values[0], linestyle=":" if "knn" in col else "--", label=f"{col} ({values[0]:.3g})",
-                           color="grey" if "random" in col else None)  # fmt: skip
+                           color="grey" if "random" in col else "tab:red" if "baseline" in col else None)  # fmt: skip
             else:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=col)
         ax.set_xlabel("step (metrics.csv: update - 1)")
