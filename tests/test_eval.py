@@ -479,8 +479,11 @@ def test_d2v_eval_picks_the_probe_data_of_the_checkpoint(tmp_path: Path) -> None
 
     from d2v_train.eval.app import _data_config
 
-    def source(path: Path, modality: str) -> Any:
-        return SimpleNamespace(path=path, encoder=SimpleNamespace(modality=modality))
+    from d2v_train.interop.sources import LoadedModel
+
+    def source(path: Path, modality: str) -> Any:  # what load_source returns, without loading weights
+        return SimpleNamespace(folder=LoadedModel(torch.nn.Identity(), "pretraining", path).folder,
+                               encoder=SimpleNamespace(modality=modality))  # fmt: skip
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

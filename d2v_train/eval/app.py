@@ -92,12 +92,9 @@ def _load(cfg: DictConfig) -> Any:
     return loaded
 
 
-def _run_data(source: Path) -> Optional[DictConfig]:
-    """The ``data`` section of the d2v-pretrain run a checkpoint comes from, when it pretrained on
-    embedded data (``path: null``: its labelled probe task exists and the run's split is known)."""
-    folder = source if source.is_dir() else source.parent
-    if folder.name == "checkpoints":
-        folder = folder.parent
+def _run_data(folder: Path) -> Optional[DictConfig]:
+    """The ``data`` section of the d2v-pretrain run in ``folder``, when it pretrained on embedded
+    data (``path: null``: its labelled probe task exists and the run's split is known)."""
     config_file = folder / "config.yaml"
     if not config_file.is_file():
         return None
@@ -118,7 +115,7 @@ def _data_config(cfg: DictConfig, loaded: Any) -> str:
     name = MODALITY_PROBE_DATA[loaded.encoder.modality]
     data = OmegaConf.load(Path(config_dir()) / "data" / f"{name}.yaml")
     origin = f"data={name}"
-    run_data = _run_data(loaded.path)
+    run_data = _run_data(loaded.folder)
     if run_data is not None and run_data.get("_target_") == data.get("_target_"):
         data, origin = run_data, f"data={name} as the run configured it"
     with open_dict(cfg):

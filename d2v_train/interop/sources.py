@@ -41,13 +41,16 @@ class LoadedModel:
     extras: dict[str, Any] = field(default_factory=dict)  # fine-tuning: vocab, classes, head settings
 
     @property
-    def tokenizer(self) -> Optional[Path]:
-        """The ``tokenizer.json`` saved with a text model: in a model directory, or in the run
-        directory of a ``RUN_DIR/checkpoints/*.ckpt`` file."""
+    def folder(self) -> Path:
+        """Where the files that belong to the weights lie: the model directory, or the run directory
+        of a ``RUN_DIR/checkpoints/*.ckpt`` file."""
         folder = self.path if self.path.is_dir() else self.path.parent
-        if folder.name == "checkpoints":
-            folder = folder.parent
-        candidate = folder / TOKENIZER_FILE
+        return folder.parent if folder.name == "checkpoints" else folder
+
+    @property
+    def tokenizer(self) -> Optional[Path]:
+        """The ``tokenizer.json`` saved with a text model (in ``folder``)."""
+        candidate = self.folder / TOKENIZER_FILE
         return candidate if candidate.is_file() else None
 
     @property
