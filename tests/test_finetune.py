@@ -51,7 +51,7 @@ def fit_and_compare(cfg) -> tuple[dict[str, float], dict[str, float], Any]:
 
 
 def test_digits_image_classification_learns(tmp_path: Path) -> None:
-    cfg = cfg_for(tmp_path, "trainer.max_epochs=2", "+trainer.limit_train_batches=15", "optim.lr=3e-3",
+    cfg = cfg_for(tmp_path, "trainer.max_epochs=4", "+trainer.limit_train_batches=15", "optim.lr=3e-3",
                   "data.batch_size=32", "encoder.num_hidden_layers=2")
     before, after, _ = fit_and_compare(cfg)
     assert after["val/acc"] > before["val/acc"] + 0.05 and after["val/loss"] < before["val/loss"], (before, after)

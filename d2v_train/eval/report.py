@@ -219,7 +219,7 @@ def write_report(run_dir: str | Path, extra: Optional[dict[str, Any]] = None, ou
     brief = [
         ("modality", _get(cfg, "modality")),
         ("encoder", ", ".join(f"{k}={_get(cfg, 'encoder.' + k)}" for k in ("hidden_size", "num_hidden_layers", "image_size",
-                                                                             "use_absolute_position_embeddings")
+                                                                             "use_absolute_position_embeddings", "use_sincos_position_embeddings")
                               if _get(cfg, "encoder." + k) is not None) or None),
         ("data", _get(cfg, "data._target_")),
         ("batch size", _get(cfg, "data.batch_size")),
