@@ -1,6 +1,6 @@
 """``d2v-pretrain`` / ``python -m d2v_train.pretrain``: data2vec pretraining as a Hydra app.
 
-    d2v-pretrain                                  # tiny ViT on the bundled digits, CPU, ~1 minute
+    d2v-pretrain                                  # tiny ViT on the bundled digits, CPU, ~2 minutes
     d2v-pretrain modality=audio trainer.max_steps=100
     d2v-pretrain experiment=vision_base_imagenet data.path=/data/imagenet/train
 
