@@ -329,7 +329,8 @@ class OnlineProbe(L.Callback):
         except Exception as e:  # a monitor must never stop a run
             log.warning("no baseline in the end-of-run comparison: %s: %s", type(e).__name__, e)
             return {}
-        self.seconds += time.perf_counter() - start
+        finally:  # probing time, whether or not the baseline could be measured
+            self.seconds += time.perf_counter() - start
         if measured is None:
             return {}
         self.baseline_name, acc, C = measured
