@@ -7,7 +7,9 @@
 Runs, one after the other (so they do not slow each other down), ``d2v-pretrain modality=M`` and
 ``d2v-pretrain modality=M objective=d2v2_M`` with their defaults, the online probe every ``--every``
 updates. The probe is the run's own (``callbacks.probe``: the data module's labelled probe task,
-mean-pooled features, linear classifier at a fixed C); each probe row carries ``probe/train_s``, the
+mean-pooled features, linear classifier; ``--C``: its regularisation, by default chosen at every probe
+by cross-validation on the labelled training set, since a fixed C ranks encoders partly by how well
+that C suits their features); each probe row carries ``probe/train_s``, the
 seconds spent training so far with probing and validation left out. Prints both curves, each run's
 end-of-run comparison (C by cross-validation, against random init), the time 2.0 needs to reach the
 v1 run's final accuracy as a fraction of the v1 run's training time, and writes ``curves.csv`` and
@@ -28,13 +30,13 @@ from typing import Optional
 Curve = list[tuple[int, float, float]]  # (update, training seconds, linear-probe accuracy)
 
 
-def run(modality: str, name: str, out: Path, every: int, overrides: list[str]) -> Path:
+def run(modality: str, name: str, out: Path, every: int, C: str, overrides: list[str]) -> Path:
     run_dir = out / name
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         print(f"{name}: {run_dir} already holds a finished run; reading it", flush=True)
         return run_dir
     cmd = [sys.executable, "-m", "d2v_train.pretrain", f"modality={modality}", f"hydra.run.dir={run_dir}",
-           f"callbacks.probe.every_n_updates={every}", "trainer.enable_progress_bar=false",
+           f"callbacks.probe.every_n_updates={every}", f"callbacks.probe.C={C}", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false", "report=false", *overrides]  # fmt: skip
     print("+ d2v-pretrain " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -67,7 +69,7 @@ def time_to_reach(curve: Curve, accuracy: float) -> Optional[float]:
     return next((t for _, t, acc in curve if acc >= accuracy), None)
 
 
-def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Optional[float]]], path: Path, title: str) -> None:
+def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Optional[float]]], path: Path, title: str, C: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +77,7 @@ def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Option
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
-        line, = ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=f"{name} (fixed C)")
+        line, = ax.plot([t for _, t, _ in curve], [a for _, _, a in curve], marker="o", label=f"{name} ({_c_words(C)})")
         random_init, final = ends[name]
         if final is not None:
             ax.plot([curve[-1][1]], [final], marker="*", markersize=12, linestyle="", color=line.get_color(),
@@ -89,6 +91,10 @@ def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Option
     plt.close(fig)
 
 
+def _c_words(C: str) -> str:
+    return "C by cross-validation at every probe" if C.strip().lower() == "cv" else f"fixed C {C}"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     both = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -97,6 +103,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("modality", choices=["vision", "text", "audio"])
     parser.add_argument("--every", type=int, default=50, help="probe every N updates")
     parser.add_argument("--out", type=Path, default=None, help="default runs/probe_curve/<modality>")
+    parser.add_argument("--C", default="cv", help="the periodic probe's C: cv (chosen at every probe) or a number")
     parser.add_argument("--v1", nargs="*", default=[], help="overrides for the v1 run only")
     parser.add_argument("--v2", nargs="*", default=[], help="overrides for the 2.0 run only")
     args = parser.parse_args(argv)
@@ -107,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     curves: dict[str, Curve] = {}
     ends: dict[str, tuple[Optional[float], Optional[float]]] = {}  # (random init, the run) by the end-of-run probe
     for name, overrides in names.items():
-        curve, random_init, final = read_curve(run(args.modality, name, out, args.every, overrides))
+        curve, random_init, final = read_curve(run(args.modality, name, out, args.every, args.C, overrides))
         curves[name], ends[name] = curve, (random_init, final)
 
     with (out / "curves.csv").open("w", newline="") as f:
@@ -115,12 +122,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         writer.writerow(["objective", "update", "train_s", "linear_acc"])
         for name, curve in curves.items():
             writer.writerows((name, *point) for point in curve)
-    plot(curves, ends, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)")
+    plot(curves, ends, out / "curves.png", f"{args.modality}: v1 vs 2.0 (default runs)", args.C)
 
     def fmt(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    print(f"\n{args.modality}: linear probe (fixed C) at update@training seconds")
+    print(f"\n{args.modality}: linear probe ({_c_words(args.C)}) at update@training seconds")
     for name, curve in curves.items():
         print(f"  {name:>4}: " + "  ".join(f"{u}@{t:.0f}s {a:.3f}" for u, t, a in curve))
     for name, (rnd, final) in ends.items():

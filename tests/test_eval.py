@@ -353,6 +353,36 @@ def test_end_of_run_probe_reuses_the_features_of_a_probe_at_the_same_update(monk
     assert len(extracted) == 2
 
 
+def test_periodic_probe_with_cross_validated_C() -> None:
+    """``callbacks.probe.C=cv``: every periodic probe picks its C on the labelled training set
+    (torch fits, folds of the training examples only) and logs it. On many weak, noisy features a
+    strongly regularised probe generalises best, so the chosen C beats a fixed weak one."""
+    from types import SimpleNamespace
+
+    from d2v_train.eval.features import Features
+    from d2v_train.lightning.callbacks import OnlineProbe
+
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(n: int) -> Features:
+        labels = torch.arange(n) % 2
+        return Features(torch.randn(n, 200, generator=g) + 0.06 * (2 * labels[:, None] - 1), labels)
+
+    train, val = noisy(40), noisy(400)
+    callback = OnlineProbe(C="cv")
+    callback.probe = SimpleNamespace(num_classes=2)
+    out = callback.evaluate(None, features=(train, val))
+    fit = lambda xt, yt, xv, yv, c: torch_linear_probe(torch.as_tensor(xt), torch.as_tensor(yt), torch.as_tensor(xv), torch.as_tensor(yv), 2, C=c)  # noqa: E731
+    assert out["linear_C"] == choose_C(train.features, train.labels, fit) == min(CV_GRID)
+    assert out["linear_acc"] == torch_linear_probe(train.features, train.labels, val.features, val.labels, 2, C=out["linear_C"])
+    assert out["linear_acc"] > torch_linear_probe(train.features, train.labels, val.features, val.labels, 2, C=100.0)
+    fixed = OnlineProbe(C=1.0)
+    fixed.probe = callback.probe
+    assert "linear_C" not in fixed.evaluate(None, features=(train, val))
+    with pytest.raises(ValueError, match="probe C"):
+        OnlineProbe(C="auto")
+
+
 def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Any ProbeSets plugs in: variable-length token sequences (padding) through a text run."""
     import logging

@@ -138,7 +138,11 @@ class OnlineProbe(L.Callback):
     The student runs in eval mode under inference mode (no gradient reaches it) and the classifier
     is fitted on the cached features with its own optimizer; nothing draws from the global RNG, so
     probing does not change the run and a resumed run logs what a straight one does. The periodic
-    probes fit at a fixed ``C`` (torch L-BFGS from zeros, a few ms: a cheap curve). After the last
+    probes fit at a fixed ``C`` (torch L-BFGS from zeros, a few ms: a cheap curve), or with ``C="cv"``
+    at a C chosen at every probe by cross-validation on the labelled training set (25 such fits:
+    about a second on digits), logged as ``probe/linear_C``: encoders whose features want different
+    regularisation (a pre-norm v1 ViT against a post-norm 2.0 one) are then compared at their own
+    best C rather than ranked by how well one fixed C suits them. After the last
     update the run's encoder and the same architecture at random initialisation (built from the same
     config under the run's seed) are probed as ``d2v-eval`` does (scikit-learn, ``final_C``: by
     default chosen for each by cross-validation on the labelled set, since one fixed C under-fits
@@ -163,7 +167,7 @@ class OnlineProbe(L.Callback):
         pooling: str = "mean",
         knn_k: int = 20,
         knn_temperature: float = 0.07,
-        C: float = 1.0,
+        C: Union[float, str] = 1.0,
         final_C: Union[float, str] = "cv",
         batch_size: int = 256,
         compare_random_init: bool = True,
@@ -176,7 +180,7 @@ class OnlineProbe(L.Callback):
         self.knn_temperature = float(knn_temperature)
         from d2v_train.eval.probe import parse_C
 
-        self.C = float(C)
+        self.C = parse_C(C)
         self.final_C = parse_C(final_C)
         self.batch_size = int(batch_size)
         self.compare_random_init = bool(compare_random_init)
@@ -243,14 +247,18 @@ class OnlineProbe(L.Callback):
         already extracted from it); ``final``: the end-of-run comparison, which adds ``d2v-eval``'s
         linear probe (scikit-learn, ``final_C``); ``curve=False`` leaves out the fixed-C linear probe
         that only the run's own curve logs."""
-        from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, torch_linear_probe
+        from d2v_train.eval.probe import choose_C, knn_accuracy, linear_probe, resolve_C, torch_linear_probe
 
         p = self.probe
         train, val = features if features is not None else self._features(encoder)
         out = {"knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
                                        k=self.knn_k, temperature=self.knn_temperature)}  # fmt: skip
         if curve:
-            out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=self.C)
+            C = self.C
+            if C == "cv":
+                C = out["linear_C"] = choose_C(train.features, train.labels, lambda xt, yt, xv, yv, c: torch_linear_probe(
+                    torch.as_tensor(xt), torch.as_tensor(yt), torch.as_tensor(xv), torch.as_tensor(yv), p.num_classes, C=c))
+            out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=C)
         if final:
             out["final_linear_C"] = resolve_C(self.final_C, train.features, train.labels)
             out["final_linear_acc"] = linear_probe(train.features, train.labels, val.features, val.labels, C=out["final_linear_C"])
