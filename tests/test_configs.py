@@ -114,6 +114,23 @@ def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path
     assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.48
 
 
+def test_digits_augmentation_per_objective(tmp_path: Path) -> None:
+    """configs/objective_data/: v1 pretraining on the bundled digits runs without shift / scale
+    augmentation (it probes better so), 2.0 keeps data/digits.yaml's 0.1, and a user's image folder
+    (another data module, which has no such fields) is not touched."""
+    def augmentation(*overrides: str) -> tuple:
+        data = compose_cfg(list(overrides), tmp_path).data
+        return data.get("max_shift"), data.get("max_scale")
+
+    assert augmentation() == augmentation("modality=vision", "objective=d2v1_vision") == (0.0, 0.0)
+    assert augmentation("objective=d2v2_vision") == (0.1, 0.1)
+    assert augmentation("data=image", "data.path=images") == (None, None)
+    for pairing in options("objective_data"):  # each file names an objective and a data config that exist
+        objective, data = next((o, pairing[len(o) + 1 :]) for o in options("objective") if pairing.startswith(o + "_"))
+        assert (CONFIGS / "data" / f"{data}.yaml").is_file(), pairing
+        validate_config(compose_cfg([f"objective={objective}", f"data={data}"], tmp_path))
+
+
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainer_configs_instantiate(option: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"trainer={option}"], tmp_path)
