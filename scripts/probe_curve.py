@@ -92,7 +92,9 @@ def plot(curves: dict[str, Curve], ends: dict[str, tuple[Optional[float], Option
 
 
 def _c_words(C: str) -> str:
-    return "C by cross-validation at every probe" if C.strip().lower() == "cv" else f"fixed C {C}"
+    from d2v_train.eval.probe import parse_C
+
+    return "C by cross-validation at every probe" if parse_C(C) == "cv" else f"fixed C {C}"
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,7 +7,8 @@
   mean-pooled ViT features need 10-100, so any one fixed C ranks some rows by how much that C
   under-fits them rather than by what their features hold. The validation split is never seen.
 - ``torch_linear_probe``: the same objective (cross-entropy + ``||W||^2 / (2 C N)``, standardised
-  features) at a fixed C, fitted with torch's L-BFGS from zeros: deterministic, a few ms on the
+  features) at a fixed C (``resolve_torch_C`` chooses one by the same cross-validation on torch
+  fits), fitted with torch's L-BFGS from zeros: deterministic, a few ms on the
   cached features of a small probe set. The online probe's periodic monitor uses it; its end-of-run
   comparison uses ``linear_probe`` with ``C="cv"``, as ``d2v-eval`` does.
 - ``knn_accuracy``: weighted k-nearest-neighbours as in DINO-style monitors: cosine similarity
@@ -38,6 +39,7 @@ __all__ = [
     "parse_C",
     "parse_labels_per_class",
     "resolve_C",
+    "resolve_torch_C",
     "spread",
     "torch_linear_probe",
 ]
@@ -133,6 +135,16 @@ def resolve_C(C: Regularisation, train_x: Union[Tensor, np.ndarray], train_y: Un
     if C != "cv":
         return float(C)
     return choose_C(train_x, train_y, lambda xt, yt, xv, yv, c: linear_probe(xt, yt, xv, yv, C=c, max_iter=max_iter))
+
+
+def resolve_torch_C(C: Regularisation, train_x: Tensor, train_y: Tensor, num_classes: int) -> float:
+    """``resolve_C`` for ``torch_linear_probe``: ``C`` itself, or for ``"cv"`` the C of ``CV_GRID``
+    that torch fits score best on folds of the training examples."""
+    C = parse_C(C)
+    if C != "cv":
+        return float(C)
+    return choose_C(train_x, train_y, lambda xt, yt, xv, yv, c: torch_linear_probe(
+        torch.as_tensor(xt), torch.as_tensor(yt), torch.as_tensor(xv), torch.as_tensor(yv), num_classes, C=c))
 
 
 def linear_probe(

@@ -247,17 +247,16 @@ class OnlineProbe(L.Callback):
         already extracted from it); ``final``: the end-of-run comparison, which adds ``d2v-eval``'s
         linear probe (scikit-learn, ``final_C``); ``curve=False`` leaves out the fixed-C linear probe
         that only the run's own curve logs."""
-        from d2v_train.eval.probe import choose_C, knn_accuracy, linear_probe, resolve_C, torch_linear_probe
+        from d2v_train.eval.probe import knn_accuracy, linear_probe, resolve_C, resolve_torch_C, torch_linear_probe
 
         p = self.probe
         train, val = features if features is not None else self._features(encoder)
         out = {"knn_acc": knn_accuracy(train.features, train.labels, val.features, val.labels, p.num_classes,
                                        k=self.knn_k, temperature=self.knn_temperature)}  # fmt: skip
         if curve:
-            C = self.C
-            if C == "cv":
-                C = out["linear_C"] = choose_C(train.features, train.labels, lambda xt, yt, xv, yv, c: torch_linear_probe(
-                    torch.as_tensor(xt), torch.as_tensor(yt), torch.as_tensor(xv), torch.as_tensor(yv), p.num_classes, C=c))
+            C = resolve_torch_C(self.C, train.features, train.labels, p.num_classes)
+            if self.C == "cv":
+                out["linear_C"] = C
             out["linear_acc"] = torch_linear_probe(train.features, train.labels, val.features, val.labels, p.num_classes, C=C)
         if final:
             out["final_linear_C"] = resolve_C(self.final_C, train.features, train.labels)
