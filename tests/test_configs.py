@@ -179,3 +179,11 @@ def test_modality_objective_settings_win_over_the_objective_defaults(option: str
     assert items, option
     for key, value in items:
         assert OmegaConf.select(cfg, key) == value, (option, key)
+    # the published recipes of this objective set every one of those keys themselves, so no
+    # small-scale value leaks into them
+    recipes = [r for r in options("experiment") if r.startswith(f"{option}_")]
+    assert recipes, option
+    for recipe in recipes:
+        own = OmegaConf.load(CONFIGS / "experiment" / f"{recipe}.yaml")
+        missing = [key for key, _ in items if OmegaConf.select(own, key, default="<unset>") == "<unset>"]
+        assert not missing, (recipe, missing)

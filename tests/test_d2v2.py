@@ -336,6 +336,8 @@ def test_recipes_carry_the_published_values(option: str, expected: dict[str, Any
         assert (obj.ema.decay, obj.ema.end_decay) == ((0.9997, 1.0) if large else (0.999, 0.99999))
         assert enc["layerdrop"] == (0.0 if large else 0.05)
         assert cfg.trainer.gradient_clip_val == (1.0 if large else None)
+        decoder = (obj.decoder.dim, obj.decoder.kernel, obj.decoder.layers, obj.decoder.groups)
+        assert decoder == ((768, 7, 4, 16) if large else (384, 7, 4, 16))
     if cfg.modality == "vision":
         assert enc["use_sincos_position_embeddings"] and not enc["norm_first"] and obj.cls_loss == 0.01
         assert enc["drop_path_rate"] == 0.0 and enc["attention_probs_dropout_prob"] == 0.0
