@@ -207,6 +207,13 @@ def test_decoder_shapes(spatial: bool, cfg: DecoderConfig) -> None:
     first = dec.blocks[0][0]
     assert isinstance(first, torch.nn.Conv2d if spatial else torch.nn.Conv1d) and first.groups == cfg.groups
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in dec.modules())  # channel norm has no affine
+    # memory layout each conv receives (speed): contiguous over time, channels-last over the grid
+    normed = []
+    hook = dec.blocks[0][1].register_forward_hook(lambda _m, _i, out: normed.append(out))
+    dec(x, (4, 5)) if spatial else dec(x)
+    hook.remove()
+    fmt = torch.channels_last if spatial else torch.contiguous_format
+    assert normed[0].is_contiguous(memory_format=fmt)
     if spatial:  # one k=3 layer sees the 3x3 neighbourhood on the patch grid, nothing else
         one = ConvDecoder(32, 32, DecoderConfig(dim=32, kernel=3, layers=1, groups=16, input_dropout=0.0), spatial=True)
         y = x.clone()
