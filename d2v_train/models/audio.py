@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig
 from .base import EncoderBase
-from .transformer import EncoderOutput, LayerTarget, activation, attention_mask, init_weights
+from .transformer import EncoderOutput, LayerTarget, activation, attention_mask, init_weights, norm_over_channels
 from .positions import alibi_bias, alibi_slopes
 from .visible import gather_padding, gather_tokens, keep_index
 
@@ -82,16 +82,6 @@ class AudioEncoderConfig(EncoderConfig):
         return field_
 
 
-def channel_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """``norm`` over the channels of ``(batch, channels, frames)``, returned contiguous in that layout.
-
-    The LayerNorm runs on the transposed view; copying its output back to a contiguous tensor costs
-    one pass but keeps the activation, its backward and the next convolution on one memory layout.
-    Left as a strided view, the mixed layouts made the CNN forward and backward about twice as slow
-    on CPU (the tiny preset's batch, one or two threads)."""
-    return norm(x.transpose(1, 2)).transpose(1, 2).contiguous()
-
-
 class ConvLayer(nn.Module):
     """Conv1d -> LayerNorm over channels -> activation (data2vec's ``layer_norm`` extractor mode)."""
 
@@ -102,7 +92,7 @@ class ConvLayer(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(channel_norm(self.norm, self.conv(x)))
+        return self.act(norm_over_channels(self.norm, self.conv(x)))
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -151,7 +141,7 @@ class PosConvLayer(nn.Module):
         x = self.conv(x)
         if self.trim:
             x = x[:, :, : -self.trim]
-        return self.act(channel_norm(self.norm, x))
+        return self.act(norm_over_channels(self.norm, x))
 
 
 class ConvPositionalEmbedding(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,20 @@ def activation(name: str) -> nn.Module:
         return _ACTIVATIONS[name]()
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
+
+
+def norm_over_channels(norm: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``norm`` (a layer norm over the last axis) applied to the channel axis (dim 1) of a conv's
+    ``(batch, channels, ...)`` output, computed on the channels-last view.
+
+    What the next conv receives is chosen for speed on CPU. Over time (1-D), the output is copied
+    back to a contiguous ``(batch, channels, time)``: oneDNN's 1-D convolution has no channels-last
+    format, and the strided view made the activation's backward and the next conv about twice as slow
+    in the tiny audio CNN; in the 2.0 decoder the copy takes 12% off a tiny text update. Over a 2-D
+    grid the channels-last view goes on as it is: oneDNN's 2-D convolution takes it natively, and a
+    copy made the tiny vision 2.0 update 16% slower."""
+    y = norm(x.movedim(1, -1)).movedim(-1, 1)
+    return y.contiguous() if y.ndim == 3 else y
 
 
 @dataclass
