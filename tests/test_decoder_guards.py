@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from d2v_train.objective.config import DecoderConfig
 from d2v_train.objective.decoder import ConvDecoder, RegressionHead
+from d2v_train.models.positions import sincos_1d, sincos_2d
 from d2v_train.objective.multimask import decoder_input
 
 
@@ -45,6 +46,29 @@ def test_decoder_equals_its_definition(spatial: bool, cfg: DecoderConfig) -> Non
     x = torch.randn(2, 12, 16)
     grid = (3, 4) if spatial else None
     torch.testing.assert_close(dec(x, grid) if spatial else dec(x), by_hand(dec, x, grid))
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("where", ["masked", "all"])
+def test_decoder_adds_fixed_positions_where_asked(spatial: bool, where: str) -> None:
+    """``add_positions``: the sin-cos table (1-D over the sequence, 2-D over the patch grid) is added
+    to the input at the masked positions only, or everywhere; ``none`` adds nothing."""
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=16, kernel=3, layers=1, groups=4, input_dropout=0.0, add_positions=where)
+    dec = ConvDecoder(16, 12, cfg, spatial=spatial).eval()
+    x, grid = torch.randn(2, 12, 16), ((3, 4) if spatial else None)
+    mask = torch.rand(2, 12) < 0.5
+    pos = sincos_2d(16, (3, 4))[0] if spatial else sincos_1d(16, torch.arange(12))
+    where_added = mask.unsqueeze(-1).float() if where == "masked" else torch.ones(2, 12, 1)
+    torch.testing.assert_close(dec(x, grid, mask), by_hand(dec, x + pos * where_added, grid))
+    dec.add_positions = "none"
+    torch.testing.assert_close(dec(x, grid, mask), by_hand(dec, x, grid))
+
+
+def test_masked_positions_need_the_mask() -> None:
+    cfg = DecoderConfig(dim=8, kernel=3, layers=1, groups=1, add_positions="masked")
+    with pytest.raises(ValueError, match="add_positions='masked' needs the mask"):
+        ConvDecoder(8, 8, cfg)(torch.randn(1, 5, 8))
 
 
 def test_decoder_is_one_dimensional_unless_asked() -> None:

@@ -34,6 +34,13 @@ def test_decoder_values_out_of_range_are_refused(decoder: dict[str, Any]) -> Non
         build(version=2, decoder=decoder)
 
 
+def test_decoder_positions_are_named_choices() -> None:
+    for where in ("none", "masked", "all"):
+        assert build(version=2, decoder=dict(add_positions=where)).decoder.add_positions == where
+    with pytest.raises(ValueError, match="add_positions must be none, masked or all, got 'learned'"):
+        build(version=2, decoder=dict(add_positions="learned"))
+
+
 @pytest.mark.parametrize("ema", [dict(decay=0.0), dict(decay=1.0, end_decay=1.0), dict(end_decay=0.0, decay=0.0),
                                  dict(anneal_fraction=1.0), dict(max_horizon=1.0), dict(max_horizon=0.01)])  # fmt: skip
 def test_ema_edges_are_accepted(ema: dict[str, Any]) -> None:

@@ -44,7 +44,9 @@ class DecoderConfig:
     dim / kernel / layers / groups: the conv blocks; residual: add each block's input when widths
     match; projection_layers: 1 = Linear(dim, D), 2 = Linear(dim, ratio*dim) -> GELU -> Linear(-> D);
     input_dropout: dropout on the decoder input; mask_noise_std: std of the N(0, std) vectors that
-    stand in for the masked tokens.
+    stand in for the masked tokens; add_positions: fixed sin-cos positions added to the decoder input
+    at the masked positions (``masked``), at every position (``all``) or nowhere (``none``, the
+    published recipes; the reference's ``add_positions_masked`` / ``add_positions_all``).
     """
 
     dim: int = 384
@@ -56,6 +58,7 @@ class DecoderConfig:
     projection_ratio: float = 2.0
     input_dropout: float = 0.1
     mask_noise_std: float = 0.01
+    add_positions: str = "none"
 
 
 @dataclass
@@ -137,6 +140,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.clones must be >= 1, got {self.clones}")
         if self.version == 1 and (self.clones != 1 or self.cls_loss):
             raise ValueError("objective.clones and objective.cls_loss are data2vec 2.0 options: set objective.version=2")
+        if self.decoder.add_positions not in ("none", "masked", "all"):
+            raise ValueError(
+                f"objective.decoder.add_positions must be none, masked or all, got {self.decoder.add_positions!r}"
+            )
         if self.decoder.layers < 0 or self.decoder.dim < 1 or self.decoder.mask_noise_std < 0:
             raise ValueError("objective.decoder: layers must be >= 0, dim >= 1 and mask_noise_std >= 0")
         if not 0.0 <= self.ema.decay <= 1.0 or not 0.0 <= self.ema.end_decay <= 1.0:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2v_train.models.positions import sincos_1d, sincos_2d
 from d2v_train.models.transformer import norm_over_channels
 
 __all__ = ["ConvDecoder", "RegressionHead"]
@@ -57,10 +59,15 @@ class ConvDecoder(nn.Module):
     ``projection_layers=2``).
 
     It sees the whole sequence: the student's outputs at kept positions and N(0, std) noise at masked
-    ones (see ``multimask.decoder_input``), with no mask token and no positions: the convolutions
-    infer where they are from the neighbours. ``spatial=True`` runs 2-D convs over the patch grid.
+    ones (see ``multimask.decoder_input``), with no mask token. The published recipes add no
+    positions: the convolutions infer where they are from the neighbours, so the student's outputs
+    must carry them. ``add_positions`` (``masked`` / ``all``) adds fixed sin-cos positions (1-D, or
+    2-D over the patch grid) after the input dropout, so the decoder knows where each masked token
+    sits without the student spending its features on it. ``spatial=True`` runs 2-D convs over the
+    patch grid.
 
-    Shapes: ``(batch, tokens, in_dim)`` -> ``(batch, tokens, out_dim)``; 2-D takes ``grid=(rows, cols)``.
+    Shapes: ``(batch, tokens, in_dim)`` -> ``(batch, tokens, out_dim)``; 2-D takes ``grid=(rows, cols)``;
+    ``mask`` ``(batch, tokens)`` (True = masked) is needed with ``add_positions='masked'``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, cfg: Any, spatial: bool = False) -> None:
@@ -75,6 +82,7 @@ class ConvDecoder(nn.Module):
         conv = nn.Conv2d if spatial else nn.Conv1d
         self.spatial = spatial
         self.residual = bool(cfg.residual)
+        self.add_positions = str(getattr(cfg, "add_positions", "none"))
         self.input_dropout = nn.Dropout(float(cfg.input_dropout))
         self.blocks = nn.ModuleList()
         width = in_dim
@@ -91,13 +99,30 @@ class ConvDecoder(nn.Module):
         else:
             raise ValueError(f"objective.decoder.projection_layers must be 1 or 2, got {cfg.projection_layers}")
 
-    def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-        batch, tokens, _ = x.shape
-        x = self.input_dropout(x).transpose(1, 2)  # (B, C, T)
+    def positions(self, x: Tensor, grid: tuple[int, int] | None, mask: Tensor | None) -> Tensor:
+        """``x`` plus the fixed sin-cos positions where ``add_positions`` asks for them."""
+        tokens, dim = x.shape[1], x.shape[2]
         if self.spatial:
-            if grid is None or grid[0] * grid[1] != tokens:
-                raise ValueError(f"the 2-D decoder needs the patch grid of its {tokens} tokens, got {grid}")
-            x = x.reshape(batch, -1, grid[0], grid[1])
+            pos = sincos_2d(dim, grid, x.device)  # type: ignore[arg-type]
+        else:
+            pos = sincos_1d(dim, torch.arange(tokens, device=x.device)).unsqueeze(0)
+        pos = pos.to(x.dtype)
+        if self.add_positions == "all":
+            return x + pos
+        if mask is None:
+            raise ValueError("objective.decoder.add_positions='masked' needs the mask")
+        return x + pos * mask.unsqueeze(-1).to(x.dtype)
+
+    def forward(self, x: Tensor, grid: tuple[int, int] | None = None, mask: Tensor | None = None) -> Tensor:
+        batch, tokens, _ = x.shape
+        if self.spatial and (grid is None or grid[0] * grid[1] != tokens):
+            raise ValueError(f"the 2-D decoder needs the patch grid of its {tokens} tokens, got {grid}")
+        x = self.input_dropout(x)
+        if self.add_positions != "none":
+            x = self.positions(x, grid, mask)
+        x = x.transpose(1, 2)  # (B, C, T)
+        if self.spatial:
+            x = x.reshape(batch, -1, grid[0], grid[1])  # type: ignore[index]
         for block in self.blocks:
             y = block(x)
             x = x + y if self.residual and y.shape == x.shape else y

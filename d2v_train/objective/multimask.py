@@ -134,7 +134,7 @@ def d2v2_objective(
     dec_in = decoder_input(
         hidden[:, num_prefix:], out.kept_index, length, obj.decoder.mask_noise_std, generator, pad_rep
     )
-    pred_all = decoder(dec_in, grid) if grid is not None else decoder(dec_in)
+    pred_all = decoder(dec_in, grid, mask)
     pred = pred_all[mask]
     target = clone_targets(targets, mask, clones)
     kwargs = dict(loss_beta=obj.loss_beta, loss_scale=obj.loss_scale, channel_reduction=obj.channel_reduction)
