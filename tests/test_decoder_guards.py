@@ -65,6 +65,13 @@ def test_decoder_adds_fixed_positions_where_asked(spatial: bool, where: str) -> 
     torch.testing.assert_close(dec(x, grid, mask), by_hand(dec, x, grid))
 
 
+@pytest.mark.parametrize("spatial, width", [(False, 9), (True, 18)])
+def test_decoder_positions_need_a_sincos_width(spatial: bool, width: int) -> None:
+    cfg = DecoderConfig(dim=8, kernel=3, layers=1, groups=1, add_positions="all")
+    with pytest.raises(ValueError, match=f"needs an encoder width divisible by {4 if spatial else 2}"):
+        ConvDecoder(width, 8, cfg, spatial=spatial)
+
+
 def test_masked_positions_need_the_mask() -> None:
     cfg = DecoderConfig(dim=8, kernel=3, layers=1, groups=1, add_positions="masked")
     with pytest.raises(ValueError, match="add_positions='masked' needs the mask"):

@@ -83,6 +83,12 @@ class ConvDecoder(nn.Module):
         self.spatial = spatial
         self.residual = bool(cfg.residual)
         self.add_positions = str(getattr(cfg, "add_positions", "none"))
+        step = 4 if spatial else 2
+        if self.add_positions != "none" and in_dim % step:
+            raise ValueError(
+                f"objective.decoder.add_positions={self.add_positions!r} needs an encoder width divisible by {step} "
+                f"(sin-cos positions), got {in_dim}"
+            )
         self.input_dropout = nn.Dropout(float(cfg.input_dropout))
         self.blocks = nn.ModuleList()
         width = in_dim
