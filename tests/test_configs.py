@@ -114,6 +114,16 @@ def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path
     assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.48
 
 
+def test_text_preset_teacher_stops_after_its_ramp_and_2_0_keeps_its_own(tmp_path: Path) -> None:
+    """modality=text's teacher ramps 0.999 -> 0.99999 over 300 updates (chosen by probes); the
+    published v1 text objective keeps 0.9999, and the 2.0 text setting its own schedule."""
+    ema = compose_cfg(["modality=text"], tmp_path).objective.ema
+    assert (ema.decay, ema.end_decay, ema.anneal_steps) == (0.999, 0.99999, 300)
+    assert OmegaConf.load(CONFIGS / "objective" / "d2v1_text.yaml").ema.end_decay == 0.9999
+    v2 = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).objective.ema
+    assert (v2.decay, v2.end_decay) == (0.999, 0.9999)
+
+
 def test_digits_augmentation_per_objective(tmp_path: Path) -> None:
     """configs/objective_data/: v1 pretraining on the bundled digits runs without shift / scale
     augmentation (it probes better so), 2.0 keeps data/digits.yaml's 0.1, and a user's image folder
