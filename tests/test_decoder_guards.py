@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from d2v_train.models.positions import sincos_1d, sincos_2d
 from d2v_train.objective.config import DecoderConfig
 from d2v_train.objective.decoder import ConvDecoder, RegressionHead
-from d2v_train.models.positions import sincos_1d, sincos_2d
 from d2v_train.objective.multimask import decoder_input
 
 
