@@ -263,3 +263,46 @@ def test_speech_without_espeak_says_how_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(espeak.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get install .*espeak-ng"):
         SpeechDataModule(cache_dir=str(tmp_path), **SMALL).setup()
+
+
+FAKE_ESPEAK = """#!{python}
+import sys, time
+out = sys.argv[sys.argv.index("-w") + 1]
+if "silent" not in sys.argv[-1]:
+    open(out, "wb").write(b"RIFF")
+time.sleep(0.3)
+"""
+
+
+def test_two_runs_synthesising_the_same_clip_at_once_both_succeed(tmp_path: Path) -> None:
+    """A sweep starts several runs on an empty cache: each writer needs its own temporary file."""
+    import sys
+    import threading
+
+    from d2v_train.data.espeak import Utterance, synthesize
+
+    binary = tmp_path / "espeak-ng"
+    binary.write_text(FAKE_ESPEAK.format(python=sys.executable))
+    binary.chmod(0o755)
+    clip = Utterance("hello", "en-us+m3", 150, 50, tmp_path / "cache" / "hello.wav")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            synthesize(clip, str(binary))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    writers = [threading.Thread(target=run) for _ in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors, errors
+    assert clip.out.read_bytes() == b"RIFF"
+    assert sorted(p.name for p in clip.out.parent.iterdir()) == ["hello.wav"]  # no temporary left
+
+    mute = Utterance("silent", "en-us+m3", 150, 50, tmp_path / "cache" / "silent.wav")
+    with pytest.raises(DataError, match=r"'en-us\+m3' \(silent.wav\): it wrote nothing"):
+        synthesize(mute, str(binary))
+    assert not mute.out.exists()

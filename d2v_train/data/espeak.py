@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2v_train.data.common import DataError, progress
+from d2v_train.interop.files import atomic_write
 
 INSTALL_HINT = (
     "espeak-ng is not installed; data=speech needs it. Install it with "
@@ -43,14 +44,18 @@ class Utterance:
 
 
 def synthesize(u: Utterance, binary: str) -> None:
-    """One utterance to a WAV file (written to a temporary name first, then renamed: atomic)."""
-    u.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = u.out.with_suffix(".tmp.wav")
-    cmd = [binary, "-v", u.voice, "-s", str(u.rate), "-p", str(u.pitch), "-w", str(tmp), u.text]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if res.returncode != 0 or not tmp.is_file():
-        raise DataError(f"espeak-ng failed for voice {u.voice!r}: {res.stderr.strip() or res.returncode}")
-    tmp.replace(u.out)
+    """One utterance to a WAV file through a temporary file of its own, then renamed (atomic): two
+    runs that build the same cache at once (a sweep) each write their own file and the last rename
+    wins, instead of one renaming the other's half-written file away."""
+
+    def write(tmp: Path) -> None:
+        cmd = [binary, "-v", u.voice, "-s", str(u.rate), "-p", str(u.pitch), "-w", str(tmp), u.text]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0 or tmp.stat().st_size == 0:
+            why = res.stderr.strip() or (f"exit status {res.returncode}" if res.returncode else "it wrote nothing")
+            raise DataError(f"espeak-ng failed for voice {u.voice!r} ({u.out.name}): {why}")
+
+    atomic_write(u.out, write)
 
 
 def synthesize_all(utterances: Sequence[Utterance], threads: int = 4) -> None:
