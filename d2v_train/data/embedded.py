@@ -25,6 +25,7 @@ from d2v_train.data.collate import collate_images
 from d2v_train.data.common import BaseDataModule, ProbeSets, default_cache_dir, fingerprint, progress, seeded_split
 from d2v_train.data.espeak import Utterance, synthesize_all
 from d2v_train.data.text import TextDataModule
+from d2v_train.interop.files import atomic_write
 
 log = logging.getLogger("d2v_train.data")
 
@@ -270,11 +271,9 @@ def docstrings_corpus_dir(cache: Path, max_files: int | None = None, extra_packa
 def write_docstrings_corpus(cache: Path, max_files: int | None = None, extra_packages: Sequence[str] = ()) -> Path:
     """One text file, documents separated by a `<|doc|>` line; written once per `docstrings_corpus_dir`."""
     out = docstrings_corpus_dir(cache, max_files, extra_packages) / "docstrings.txt"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(f"\n{DOC_SEPARATOR}\n".join(python_docs(max_files, extra_packages)), encoding="utf-8")
-        tmp.replace(out)
+    if not out.is_file():  # through a temporary file of its own: runs of a sweep may build it at once
+        text = f"\n{DOC_SEPARATOR}\n".join(python_docs(max_files, extra_packages))
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 
@@ -284,10 +283,8 @@ def docstrings_by_module(folder: Path, max_files: int | None = None) -> list[tup
 
     out = folder / "docstrings_by_module.json"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(stdlib_docstrings(max_files))), encoding="utf-8")
-        tmp.replace(out)
+        text = json.dumps(list(stdlib_docstrings(max_files)))
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [(m, d) for m, d in json.loads(out.read_text(encoding="utf-8"))]
 
 
@@ -467,7 +464,7 @@ class SpeechDataModule(AudioDataModule):
             for u in jobs:
                 txt = u.out.with_suffix(".txt")
                 if not txt.is_file():
-                    txt.write_text(u.text, encoding="utf-8")
+                    atomic_write(txt, lambda tmp, text=u.text: tmp.write_text(text, encoding="utf-8"))
         if not getattr(self, "_announced", False):  # prepare_data runs more than once per process
             log.info("speech corpus: %d utterances in %s", len(jobs), root)
             self._announced = True

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from d2v_train.data.common import DataError
+from d2v_train.interop.files import atomic_write
 
 log = logging.getLogger("d2v_train.data")
 
@@ -72,9 +73,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path, min_frequency: i
     )
     start = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer, length=length)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out)  # atomic: a crash never leaves a half-written tokenizer in the cache
+    # atomic, through a temporary file of its own: a crash never leaves a half-written tokenizer in
+    # the cache, and runs of a sweep that train the same one at once do not take each other's file
+    atomic_write(Path(out), lambda tmp: tok.save(str(tmp)))
     log.info("trained byte-level BPE (vocab %d) in %.1fs -> %s", tok.get_vocab_size(), time.perf_counter() - start, out)
     return tok
