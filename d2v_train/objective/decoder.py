@@ -82,7 +82,7 @@ class ConvDecoder(nn.Module):
         conv = nn.Conv2d if spatial else nn.Conv1d
         self.spatial = spatial
         self.residual = bool(cfg.residual)
-        self.add_positions = str(getattr(cfg, "add_positions", "none"))
+        self.add_positions = str(cfg.add_positions)
         step = 4 if spatial else 2
         if self.add_positions != "none" and in_dim % step:
             raise ValueError(
