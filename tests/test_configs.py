@@ -125,15 +125,17 @@ def test_text_preset_teacher_stops_after_its_ramp_and_2_0_keeps_its_own(tmp_path
 
 
 def test_digits_augmentation_per_objective(tmp_path: Path) -> None:
-    """configs/objective_data/: v1 pretraining on the bundled digits runs without shift / scale
-    augmentation (it probes better so), 2.0 keeps data/digits.yaml's 0.1, and a user's image folder
-    (another data module, which has no such fields) is not touched."""
+    """configs/objective_data/: v1 and 2.0 pretraining on the bundled digits run without shift / scale
+    augmentation (both probe better so), fine-tuning keeps data/digits.yaml's 0.1, and a user's image
+    folder (another data module, which has no such fields) is not touched."""
     def augmentation(*overrides: str) -> tuple:
         data = compose_cfg(list(overrides), tmp_path).data
         return data.get("max_shift"), data.get("max_scale")
 
     assert augmentation() == augmentation("modality=vision", "objective=d2v1_vision") == (0.0, 0.0)
-    assert augmentation("objective=d2v2_vision") == (0.1, 0.1)
+    assert augmentation("objective=d2v2_vision") == (0.0, 0.0)
+    digits = OmegaConf.load(CONFIGS / "data" / "digits.yaml")
+    assert (digits.max_shift, digits.max_scale) == (0.1, 0.1)  # what d2v-finetune data=digits gets
     assert augmentation("data=image", "data.path=images") == (None, None)
     for pairing in options("objective_data"):  # each file names an objective and a data config that exist
         objective, data = next((o, pairing[len(o) + 1 :]) for o in options("objective") if pairing.startswith(o + "_"))
