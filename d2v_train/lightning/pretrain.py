@@ -43,6 +43,7 @@ from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
 from d2v_train.objective.loss import all_reduce_sum, masked_regression_loss, objective_outputs
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
 from d2v_train.objective.multimask import d2v2_objective
+from d2v_train.objective.pooled import add_pooled_loss
 from d2v_train.objective.targets import build_targets
 
 from .optim import OptimConfig, build_optimizer
@@ -123,6 +124,8 @@ class Data2VecPretraining(L.LightningModule):
             self.head = ConvDecoder(dim, dim, self.objective.decoder, spatial=self.modality == "vision")
         else:
             self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
+        # objective.pooled_loss: a linear head from the student's mean-pooled output (objective/pooled.py)
+        self.pooled_head = nn.Linear(dim, dim) if self.objective.pooled_loss > 0 else None
         ema = self.objective.ema
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
@@ -183,7 +186,9 @@ class Data2VecPretraining(L.LightningModule):
         if self.modality == "text" and pad is None and self.pad_id is not None:
             pad = inputs == int(self.pad_id)
         if obj.version == 2:
-            return d2v2_objective(self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator)
+            return d2v2_objective(
+                self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator, self.pooled_head
+            )
         if self.modality == "text":
             maskable = ~torch.isin(inputs, self.special_ids)
             if pad is not None:
@@ -238,7 +243,10 @@ class Data2VecPretraining(L.LightningModule):
             loss_scale=obj.loss_scale,
             channel_reduction=obj.channel_reduction,
         )
-        return objective_outputs(res, mask, valid_tokens.sum(), pred, target)
+        out = objective_outputs(res, mask, valid_tokens.sum(), pred, target)
+        if self.pooled_head is not None:  # over the tokens the masks may pick (text: no special tokens)
+            add_pooled_loss(out, obj.pooled_loss, self.pooled_head, x, ~valid_tokens, targets, ~valid_tokens)
+        return out
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -277,6 +285,8 @@ class Data2VecPretraining(L.LightningModule):
         self.log("train/target_std", out["target_std"], **log)
         self.log("train/pred_std", out["pred_std"], **log)
         self.log("train/mask_frac", out["mask_frac"], **log)
+        if "pooled_loss" in out:
+            self.log("train/pooled_loss", out["pooled_loss"], **log)
         self.log("train/ema_decay", self.ema_decay(), **log)
         self.log("train/teacher_init_weight", self.teacher_init_weight, **log)
         if opt is not None:
@@ -327,7 +337,10 @@ class Data2VecPretraining(L.LightningModule):
         self._skip_update = False
 
     def configure_optimizers(self) -> Any:
-        opt, sched = build_optimizer({"student": self.student, "head": self.head}, self.optim, int(self.total_updates()))
+        modules = {"student": self.student, "head": self.head}
+        if self.pooled_head is not None:
+            modules["pooled_head"] = self.pooled_head
+        opt, sched = build_optimizer(modules, self.optim, int(self.total_updates()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

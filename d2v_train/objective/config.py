@@ -84,6 +84,9 @@ class ObjectiveConfig:
     clones: M, masked copies per sample (2.0).
     decoder: the 2.0 conv decoder.
     cls_loss: weight of the 2.0 image CLS loss (student CLS output vs the image's mean target).
+    pooled_loss: weight of this project's sequence-level term (``objective/pooled.py``): a linear head
+        on the student's mean-pooled output regresses the teacher's mean target, normalised over the
+        batch; 0 (the reference) turns it off. The small text preset uses it.
     """
 
     layer_targets: str = "ffn"
@@ -104,6 +107,7 @@ class ObjectiveConfig:
     clones: int = 1
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     cls_loss: float = 0.0
+    pooled_loss: float = 0.0
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -140,6 +144,14 @@ class ObjectiveConfig:
             raise ValueError(f"objective.clones must be >= 1, got {self.clones}")
         if self.version == 1 and (self.clones != 1 or self.cls_loss):
             raise ValueError("objective.clones and objective.cls_loss are data2vec 2.0 options: set objective.version=2")
+        if self.pooled_loss < 0:
+            raise ValueError(f"objective.pooled_loss is a loss weight and must be >= 0, got {self.pooled_loss}")
+        if self.pooled_loss > 0 and (self.final_norm == "instance" or (self.final_norm == "none" and self.layer_norm == "instance")):
+            raise ValueError(
+                "objective.pooled_loss needs targets whose mean over a sample carries something: instance-normalised "
+                "targets (objective.layer_norm=instance with final_norm none, or final_norm=instance) average to 0 "
+                "over every sample; use objective.layer_norm=layer or a final_norm of layer or batch, or pooled_loss=0"
+            )
         if self.decoder.add_positions not in ("none", "masked", "all"):
             raise ValueError(
                 f"objective.decoder.add_positions must be none, masked or all, got {self.decoder.add_positions!r}"

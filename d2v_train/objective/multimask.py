@@ -27,6 +27,7 @@ from d2v_train.models.visible import scatter_tokens
 from .config import ObjectiveConfig
 from .loss import all_reduce_sum, masked_regression_loss, objective_outputs, regression_loss, world_size
 from .masking import MaskingConfig, compute_mask
+from .pooled import add_pooled_loss
 from .targets import build_targets
 
 __all__ = ["EXACT_MASK_KINDS", "repeat_clones", "clone_targets", "decoder_input", "teacher_targets", "d2v2_objective"]
@@ -98,6 +99,7 @@ def d2v2_objective(
     inputs: Tensor,
     padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    pooled_head: Optional[nn.Module] = None,
 ) -> dict[str, Any]:
     """One data2vec 2.0 loss evaluation (see the module docstring).
 
@@ -107,6 +109,7 @@ def d2v2_objective(
         inputs: waveforms ``(B, samples)``, token ids ``(B, T)`` or pixels ``(B, C, H, W)``.
         padding_mask: input padding (True = padding); for text the token padding.
         generator: draws the masks and the decoder noise.
+        pooled_head: the linear head of ``objective.pooled_loss`` (when it is > 0).
     Returns:
         ``loss`` (for backward) and detached statistics, the keys of the v1 objective plus
         ``cls_loss``, ``pairs`` (sample x mask pairs) and ``encoded`` (tokens the student encoded).
@@ -131,6 +134,7 @@ def d2v2_objective(
     targets = teacher_targets(teacher, obj, inputs, clean_tokens, padding_mask, token_pad, num_prefix)
 
     hidden = out.last_hidden_state
+    kept_padding = None if out.padding_mask is None else out.padding_mask[:, num_prefix:]
     dec_in = decoder_input(
         hidden[:, num_prefix:], out.kept_index, length, obj.decoder.mask_noise_std, generator, pad_rep
     )
@@ -157,4 +161,8 @@ def d2v2_objective(
     out = objective_outputs(res, mask, valid, pred, target)
     out.update(loss=loss, global_loss=global_loss, cls_loss=cls_loss, pairs=batch * clones,
                encoded=hidden.shape[0] * hidden.shape[1])  # fmt: skip
+    if obj.pooled_loss > 0:
+        if pooled_head is None:
+            raise ValueError("objective.pooled_loss > 0 needs its pooled_head")
+        add_pooled_loss(out, obj.pooled_loss, pooled_head, hidden[:, num_prefix:], kept_padding, targets, token_pad, clones)
     return out

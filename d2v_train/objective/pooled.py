@@ -1,0 +1,82 @@
+"""The pooled loss: a sequence-level term beside data2vec's per-token regression (off by default).
+
+Why it exists: on the small text preset the per-token targets are mostly position (a fit of each
+position's mean explains about 80% of their variance), which a student can predict from its own
+position embedding without reading the sentence. The mean of a sequence's targets over its tokens
+cancels most of that, and normalising those means over the batch keeps what tells one sequence from
+another: its content. So the student's mean-pooled output, through its own linear head, regresses
+the teacher's mean target, normalised over the batch. It is this project's addition, not part of
+data2vec v1 or 2.0; the nearest reference piece is 2.0's image CLS loss (CLS output vs the image's
+mean target, without the batch norm or a head). The published recipes leave it off.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .loss import all_reduce_sum, world_size
+from .targets import batch_norm
+
+__all__ = ["mean_pool", "pooled_targets", "pooled_loss", "add_pooled_loss"]
+
+
+def mean_pool(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``(B, T, D)`` -> ``(B, D)``: the mean over each row's valid positions (True in
+    ``padding_mask`` = padding)."""
+    if padding_mask is None:
+        return x.mean(dim=1)
+    keep = (~padding_mask).to(x.dtype).unsqueeze(-1)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def pooled_targets(targets: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Each sample's mean target, every channel normalised over this rank's batch (fp32).
+
+    Args:
+        targets: the per-token targets ``(B, T, D)`` (extra tokens such as CLS removed).
+        padding_mask: ``(B, T)``, True = padding.
+    """
+    pooled = mean_pool(targets.float(), padding_mask)
+    return batch_norm(pooled.unsqueeze(1)).squeeze(1)
+
+
+def pooled_loss(head: nn.Module, hidden: Tensor, padding_mask: Optional[Tensor], target: Tensor) -> Tensor:
+    """Mean squared error between ``head`` of the student's mean-pooled ``hidden`` ``(N, T, D)`` and
+    ``target`` ``(N, D)`` (``pooled_targets``, repeated per 2.0 copy), averaged over samples and
+    channels."""
+    pred = head(mean_pool(hidden, padding_mask))
+    return (pred.float() - target).pow(2).mean()
+
+
+def add_pooled_loss(
+    out: dict[str, Any],
+    weight: float,
+    head: nn.Module,
+    hidden: Tensor,
+    hidden_padding: Optional[Tensor],
+    targets: Tensor,
+    target_padding: Optional[Tensor],
+    clones: int = 1,
+) -> None:
+    """Adds ``weight`` x the pooled loss to an objective's outputs (``loss``, the all-reduced
+    ``global_loss``) and logs it unweighted as ``pooled_loss``.
+
+    Args:
+        hidden: the student's last layer without extra tokens, ``(B * clones, T', D)``: every
+            position for v1, the kept ones for 2.0.
+        hidden_padding / target_padding: True = leave out of the mean (padding; text also leaves
+            out its special tokens).
+        targets: the teacher's per-token targets ``(B, T, D)``, once per sample.
+    """
+    target = pooled_targets(targets, target_padding)
+    if clones > 1:
+        target = target.repeat_interleave(clones, dim=0)  # clone j of sample b is row b*M + j
+    local = pooled_loss(head, hidden, hidden_padding, target)
+    out["loss"] = out["loss"] + weight * local
+    mean = all_reduce_sum(local) / world_size()
+    out["global_loss"] = out["global_loss"] + weight * mean
+    out["pooled_loss"] = mean

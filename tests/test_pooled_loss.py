@@ -1,0 +1,130 @@
+"""objective.pooled_loss: the student's mean-pooled output, through a linear head, regresses the
+teacher's mean target normalised over the batch; v1 and 2.0, its config and the presets using it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from d2v_train.objective import ObjectiveConfig, mean_pool, normalize, pooled_targets
+
+from test_configs import compose_cfg, options
+from test_d2v2 import v2_module
+from test_pretrain import fixed_batch, module_for, run
+
+
+def test_mean_pool_and_targets_leave_padding_out_and_normalise_over_the_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(5, 7, 4, generator=g)
+    pad = torch.zeros(5, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[3, 2:] = True
+    changed = targets.clone()
+    changed[pad] = 100.0  # whatever sits at padded positions
+    got = pooled_targets(changed, pad)
+    means = torch.stack([targets[b][~pad[b]].mean(0) for b in range(5)])
+    expected = (means - means.mean(0)) / means.var(0, unbiased=False).add(1e-5).sqrt()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(mean_pool(changed, pad), means)
+    torch.testing.assert_close(got.mean(0), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.std(0, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_v1_adds_the_weighted_pooled_term_and_trains_its_head(modality: str) -> None:
+    batch = fixed_batch(modality)
+    plain = module_for(modality)
+    pooled = module_for(modality, pooled_loss=3.0)
+    assert plain.pooled_head is None and not any(k.startswith("pooled_head") for k in plain.state_dict())
+    pooled.student.load_state_dict(plain.student.state_dict())
+    pooled.head.load_state_dict(plain.head.state_dict())
+    pooled.teacher.model.load_state_dict(plain.teacher.model.state_dict())
+
+    def objective(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return model.compute_objective(batch["inputs"], batch["padding_mask"], torch.Generator().manual_seed(0))
+
+    base, out = objective(plain), objective(pooled)
+    assert float(out["pooled_loss"]) > 0
+    torch.testing.assert_close(out["loss"], base["loss"] + 3.0 * out["pooled_loss"])
+    torch.testing.assert_close(out["global_loss"], base["global_loss"] + 3.0 * out["pooled_loss"])
+    out["loss"].backward()
+    assert pooled.pooled_head.weight.grad is not None and pooled.pooled_head.weight.grad.abs().sum() > 0
+    pooled.optim.total_steps = 60
+    in_optimizer = {id(p) for g in pooled.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert {id(p) for p in pooled.pooled_head.parameters()} <= in_optimizer
+    before = float(objective(pooled)["pooled_loss"])
+    run(pooled, batch, steps=60)
+    assert float(objective(pooled)["pooled_loss"]) < 0.6 * before
+
+
+def test_text_pooled_term_leaves_out_special_tokens() -> None:
+    """The mean runs over the tokens the masks may pick: a changed `<s>` / `</s>` embedding moves
+    the per-token loss only through attention, never by entering the pooled mean directly."""
+    model = module_for("text", pooled_loss=1.0)
+    batch = fixed_batch("text")
+    seen: dict[str, torch.Tensor] = {}
+    import d2v_train.lightning.pretrain as pretrain
+
+    original = pretrain.add_pooled_loss
+
+    def spy(out, weight, head, hidden, hidden_padding, targets, target_padding, clones=1):  # type: ignore[no-untyped-def]
+        seen["hidden_padding"], seen["target_padding"] = hidden_padding, target_padding
+        return original(out, weight, head, hidden, hidden_padding, targets, target_padding, clones)
+
+    pretrain.add_pooled_loss = spy
+    try:
+        model.compute_objective(batch["inputs"], batch["padding_mask"], torch.Generator().manual_seed(0))
+    finally:
+        pretrain.add_pooled_loss = original
+    ids = batch["inputs"]
+    expected = batch["padding_mask"] | torch.isin(ids, torch.tensor([0, 1, 2, 4]))
+    assert torch.equal(seen["hidden_padding"], expected) and torch.equal(seen["target_padding"], expected)
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_2_0_adds_the_pooled_term_over_the_kept_tokens_of_every_copy(modality: str) -> None:
+    norm = {"layer_norm": "layer"} if modality == "text" else {}  # text 2.0 targets are instance-normalised
+    plain, pooled = v2_module(modality, **norm), v2_module(modality, pooled_loss=2.0, **norm)
+    missing = pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("pooled_head.") for k in missing)
+    batch = fixed_batch(modality)
+    inputs, pad = batch["inputs"], batch["padding_mask"]
+    base = plain.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    seen: dict[str, torch.Tensor] = {}
+    forward = pooled.pooled_head.forward
+    pooled.pooled_head.forward = lambda x: seen.setdefault("pooled", x) is not None and forward(x)  # type: ignore[method-assign]
+    out = pooled.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["loss"], base["loss"] + 2.0 * out["pooled_loss"])
+    assert seen["pooled"].shape == (3 * inputs.shape[0], 32)  # one mean per masked copy
+    out["loss"].backward()
+    assert pooled.pooled_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pooled.student.transformer.parameters())
+
+
+def test_pooled_loss_weight_and_target_norm_are_checked() -> None:
+    with pytest.raises(ValueError, match="objective.pooled_loss"):
+        ObjectiveConfig.from_dict({"pooled_loss": -1.0})
+    # instance-normalised targets average to exactly 0 over a sample: nothing to regress
+    for norms in ({"layer_norm": "instance", "final_norm": "none"}, {"layer_norm": "layer", "final_norm": "instance"}):
+        with pytest.raises(ValueError, match="pooled_loss needs targets"):
+            ObjectiveConfig.from_dict({"pooled_loss": 1.0, **norms})
+        assert float(pooled_targets(normalize(torch.randn(4, 9, 8), "instance")).abs().max()) < 1e-3
+    ObjectiveConfig.from_dict({"pooled_loss": 1.0, "layer_norm": "instance", "final_norm": "layer"})
+    ObjectiveConfig.from_dict({"pooled_loss": 0.0, "layer_norm": "instance"})
+
+
+def test_text_preset_uses_it_and_no_published_recipe_does(tmp_path: Path) -> None:
+    assert OmegaConf.select(compose_cfg(["modality=text"], tmp_path), "objective.pooled_loss") == 3.0
+    v2 = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path)
+    assert v2.objective.pooled_loss == 3.0 and v2.objective.layer_norm == "layer"
+    ObjectiveConfig.from_dict(OmegaConf.to_container(v2.objective, resolve=True))  # a valid combination
+    for modality in ("vision", "audio"):
+        for objective in (f"d2v1_{modality}", f"d2v2_{modality}"):
+            cfg = compose_cfg([f"modality={modality}", f"objective={objective}"], tmp_path)
+            assert cfg.objective.pooled_loss == 0.0, objective
+    for recipe in options("experiment"):
+        cfg = compose_cfg([f"experiment={recipe}"], tmp_path)
+        assert OmegaConf.select(cfg, "objective.pooled_loss") == 0.0, recipe
