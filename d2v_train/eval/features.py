@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from d2v_train.interop.native import load_encoder
+from d2v_train.models.transformer import mean_pool
 
 __all__ = ["POOLINGS", "Features", "embed", "extract_features", "load_encoder", "pool"]
 
@@ -59,14 +60,6 @@ def _check_pooling(encoder: nn.Module, pooling: str) -> None:
         raise ValueError(f"pooling='grid' needs a patch grid (vision), not a {modality} encoder")
     if pooling == "cls" and modality == "audio":
         raise ValueError("pooling='cls': the audio encoder has no CLS token; use mean or topk")
-
-
-def _mean_over_tokens(x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-    """``x (batch, time, dim)`` averaged over the positions that are not padding."""
-    if padding_mask is None:
-        return x.mean(1)
-    keep = (~padding_mask).to(x.dtype)[..., None]
-    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
 def pool(
@@ -100,7 +93,7 @@ def pool(
         rows, cols = (inputs.shape[-2] // encoder.patch_size[0], inputs.shape[-1] // encoder.patch_size[1])
         maps = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], rows, cols)
         return F.adaptive_avg_pool2d(maps, (grid, grid)).flatten(1)
-    return _mean_over_tokens(x, pad)
+    return mean_pool(x, pad)
 
 
 def _batch_parts(batch: Union[Mapping[str, Any], Tensor]) -> tuple[Tensor, Optional[Tensor], dict[str, Any], Optional[Tensor]]:

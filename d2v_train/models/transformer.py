@@ -227,6 +227,15 @@ def attention_mask(
     return mask
 
 
+def mean_pool(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``(B, T, D)`` -> ``(B, D)``: the mean over each row's valid positions (True in
+    ``padding_mask`` = padding; a row with none gives 0)."""
+    if padding_mask is None:
+        return x.mean(dim=1)
+    keep = (~padding_mask).to(x.dtype).unsqueeze(-1)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
 class Mlp(nn.Module):
     """Feed-forward: fc1 -> activation -> activation dropout -> fc2."""
 

@@ -17,19 +17,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from d2v_train.models.transformer import mean_pool
+
 from .loss import all_reduce_sum, world_size
 from .targets import batch_norm
 
 __all__ = ["mean_pool", "pooled_targets", "pooled_loss", "add_pooled_loss"]
-
-
-def mean_pool(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-    """``(B, T, D)`` -> ``(B, D)``: the mean over each row's valid positions (True in
-    ``padding_mask`` = padding)."""
-    if padding_mask is None:
-        return x.mean(dim=1)
-    keep = (~padding_mask).to(x.dtype).unsqueeze(-1)
-    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
 @torch.no_grad()
