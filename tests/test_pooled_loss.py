@@ -128,3 +128,17 @@ def test_text_preset_uses_it_and_no_published_recipe_does(tmp_path: Path) -> Non
     for recipe in options("experiment"):
         cfg = compose_cfg([f"experiment={recipe}"], tmp_path)
         assert OmegaConf.select(cfg, "objective.pooled_loss") == 0.0, recipe
+
+
+def test_resuming_a_checkpoint_of_another_model_layout_says_what_differs() -> None:
+    """Turning the term on for a run whose checkpoint was written without it (or the reverse) is a
+    one-line error naming the parameters, not torch's missing-keys dump."""
+    from d2v_train.lightning.checkpointing import CheckpointRefusedError
+
+    plain, pooled = module_for("text"), module_for("text", pooled_loss=1.0)
+    with pytest.raises(CheckpointRefusedError, match=r"this run's model has pooled_head.bias, pooled_head.weight, which the checkpoint lacks.*ckpt_path=null"):
+        pooled.on_load_checkpoint({"state_dict": plain.state_dict()})
+    with pytest.raises(CheckpointRefusedError, match=r"the checkpoint holds pooled_head.bias, pooled_head.weight, which this run's model lacks"):
+        plain.on_load_checkpoint({"state_dict": pooled.state_dict()})
+    pooled.on_load_checkpoint({"state_dict": pooled.state_dict(), "d2v_skipped_steps": 2})
+    assert pooled.skipped_steps == 2
