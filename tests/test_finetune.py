@@ -284,3 +284,20 @@ def test_finetune_resumes_from_its_checkpoint_with_weights_only(tmp_path: Path) 
     resumed = train(cfg_for(tmp_path, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
                             *common))
     assert resumed["global_step"] == 6
+
+
+def test_resuming_a_checkpoint_of_another_model_layout_is_one_line() -> None:
+    """A fine-tuning checkpoint whose parameter names differ from this run's model gets one line
+    naming them, not torch's missing-keys dump; a matching one loads."""
+    from d2v_train.lightning.checkpointing import CheckpointRefusedError
+
+    torch.manual_seed(0)
+    module = FineTuning(build_head("image_classification", tiny_vision(), num_labels=3), "image_classification")
+    state = dict(module.state_dict())
+    name = next(k for k in state if k.startswith("model.encoder."))
+    fewer = {k: v for k, v in state.items() if k != name}
+    with pytest.raises(CheckpointRefusedError, match=rf"this run's model has {name}, which the checkpoint lacks.*ckpt_path=null"):
+        module.on_load_checkpoint({"state_dict": fewer})
+    with pytest.raises(CheckpointRefusedError, match=r"the checkpoint holds model\.extra, which this run's model lacks"):
+        module.on_load_checkpoint({"state_dict": {**state, "model.extra": state[name]}})
+    module.on_load_checkpoint({"state_dict": state})

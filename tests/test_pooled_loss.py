@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from d2v_train.objective import ObjectiveConfig, mean_pool, normalize, pooled_targets
+from d2v_train.models.transformer import mean_pool
+from d2v_train.objective import ObjectiveConfig, normalize, pooled_targets
 
 from test_configs import compose_cfg, options
 from test_d2v2 import v2_module
@@ -60,7 +61,7 @@ def test_v1_adds_the_weighted_pooled_term_and_trains_its_head(modality: str) -> 
     assert float(objective(pooled)["pooled_loss"]) < 0.6 * before
 
 
-def test_text_pooled_term_leaves_out_special_tokens() -> None:
+def test_text_pooled_term_leaves_out_special_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """The mean runs over the tokens the masks may pick: a changed `<s>` / `</s>` embedding moves
     the per-token loss only through attention, never by entering the pooled mean directly."""
     model = module_for("text", pooled_loss=1.0)
@@ -68,17 +69,19 @@ def test_text_pooled_term_leaves_out_special_tokens() -> None:
     seen: dict[str, torch.Tensor] = {}
     import d2v_train.lightning.pretrain as pretrain
 
-    original = pretrain.add_pooled_loss
+    add, targets_of = pretrain.add_pooled_loss, pretrain.pooled_targets
 
-    def spy(out, weight, head, hidden, hidden_padding, targets, target_padding, clones=1):  # type: ignore[no-untyped-def]
-        seen["hidden_padding"], seen["target_padding"] = hidden_padding, target_padding
-        return original(out, weight, head, hidden, hidden_padding, targets, target_padding, clones)
+    def spy_add(out, weight, head, hidden, hidden_padding, target):  # type: ignore[no-untyped-def]
+        seen["hidden_padding"] = hidden_padding
+        return add(out, weight, head, hidden, hidden_padding, target)
 
-    pretrain.add_pooled_loss = spy
-    try:
-        model.compute_objective(batch["inputs"], batch["padding_mask"], torch.Generator().manual_seed(0))
-    finally:
-        pretrain.add_pooled_loss = original
+    def spy_targets(targets, padding_mask=None):  # type: ignore[no-untyped-def]
+        seen["target_padding"] = padding_mask
+        return targets_of(targets, padding_mask)
+
+    monkeypatch.setattr(pretrain, "add_pooled_loss", spy_add)
+    monkeypatch.setattr(pretrain, "pooled_targets", spy_targets)
+    model.compute_objective(batch["inputs"], batch["padding_mask"], torch.Generator().manual_seed(0))
     ids = batch["inputs"]
     expected = batch["padding_mask"] | torch.isin(ids, torch.tensor([0, 1, 2, 4]))
     assert torch.equal(seen["hidden_padding"], expected) and torch.equal(seen["target_padding"], expected)

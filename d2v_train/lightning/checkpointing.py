@@ -39,6 +39,7 @@ from d2v_train.interop.files import ACCEPTED_SOURCES, atomic_write, not_a_torch_
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointRefusedError",
+    "refuse_other_layout",
     "ExactResume",
     "RunCheckpoint",
     "final_state_saved",
@@ -57,6 +58,31 @@ LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 class CheckpointRefusedError(UserError):
     """A checkpoint that cannot be loaded safely (needs pickled code, unreadable, missing)."""
+
+
+def _first_names(keys: set[str], shown: int = 3) -> str:
+    names = sorted(keys)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def refuse_other_layout(module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """For a LightningModule's ``on_load_checkpoint`` (called before the weights load): a checkpoint
+    of another model layout, from a setting that adds or removes parameters changed since the run
+    started, gets one line naming them, not torch's missing-keys dump."""
+    saved = set(checkpoint.get("state_dict") or {})
+    own = set(module.state_dict())
+    if not saved or saved == own:
+        return
+    problems = []
+    if own - saved:
+        problems.append(f"this run's model has {_first_names(own - saved)}, which the checkpoint lacks")
+    if saved - own:
+        problems.append(f"the checkpoint holds {_first_names(saved - own)}, which this run's model lacks")
+    raise CheckpointRefusedError(
+        f"the checkpoint being resumed does not fit this run's model: {'; '.join(problems)}. A resumed run "
+        "needs the settings it started with (its run directory's config.yaml); ckpt_path=null starts over"
+    )
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -32,6 +32,7 @@ from d2v_train.config_values import as_settings
 from d2v_train.models.heads import TaskHead
 
 from .augment import MixupConfig, channel_mask, mask_for_mlm, mixup_cutmix, soft_cross_entropy, time_mask
+from .checkpointing import refuse_other_layout
 from .metrics import CharDecoder, TaskMetrics
 from .optim import OptimConfig, lr_lambda
 
@@ -352,3 +353,6 @@ class FineTuning(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)  # type: ignore[arg-type]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, int(total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_other_layout(self, checkpoint)

@@ -43,10 +43,10 @@ from d2v_train.objective.ema import EMASchedule, EMATeacher, resolve_schedule
 from d2v_train.objective.loss import all_reduce_sum, masked_regression_loss, objective_outputs
 from d2v_train.objective.masking import MaskingConfig, compute_mask, mask_tokens
 from d2v_train.objective.multimask import d2v2_objective
-from d2v_train.objective.pooled import add_pooled_loss
+from d2v_train.objective.pooled import add_pooled_loss, pooled_targets
 from d2v_train.objective.targets import build_targets
 
-from .checkpointing import CheckpointRefusedError
+from .checkpointing import refuse_other_layout
 from .optim import OptimConfig, build_optimizer
 
 __all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
@@ -54,12 +54,6 @@ __all__ = ["Data2VecPretraining", "TEXT_SPECIAL_KEYS"]
 _log = logging.getLogger("d2v_train.pretrain")
 
 TEXT_SPECIAL_KEYS = ("pad", "bos", "eos", "mask", "unk")
-
-
-def _first_names(keys: set[str], shown: int = 3) -> str:
-    names = sorted(keys)
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 class Data2VecPretraining(L.LightningModule):
@@ -252,7 +246,8 @@ class Data2VecPretraining(L.LightningModule):
         )
         out = objective_outputs(res, mask, valid_tokens.sum(), pred, target)
         if self.pooled_head is not None:  # over the tokens the masks may pick (text: no special tokens)
-            add_pooled_loss(out, obj.pooled_loss, self.pooled_head, x, ~valid_tokens, targets, ~valid_tokens)
+            target_means = pooled_targets(targets, ~valid_tokens)
+            add_pooled_loss(out, obj.pooled_loss, self.pooled_head, x, ~valid_tokens, target_means)
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -357,21 +352,7 @@ class Data2VecPretraining(L.LightningModule):
         checkpoint["d2v_teacher_init_weight"] = self.teacher_init_weight
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Lightning calls this before it loads the weights: a checkpoint of another model layout (a
-        setting that adds or removes parameters changed since the run started) gets one line that
-        says so, not torch's missing-keys dump."""
-        saved = set(checkpoint.get("state_dict") or {})
-        own = set(self.state_dict())
-        if saved and saved != own:
-            problems = []
-            if own - saved:
-                problems.append(f"this run's model has {_first_names(own - saved)}, which the checkpoint lacks")
-            if saved - own:
-                problems.append(f"the checkpoint holds {_first_names(saved - own)}, which this run's model lacks")
-            raise CheckpointRefusedError(
-                f"the checkpoint being resumed does not fit this run's model: {'; '.join(problems)}. A resumed run "
-                "needs the settings it started with (its run directory's config.yaml); ckpt_path=null starts over"
-            )
+        refuse_other_layout(self, checkpoint)
         self._ema_last_step = int(checkpoint.get("d2v_ema_last_step", -1))
         self.skipped_steps = int(checkpoint.get("d2v_skipped_steps", 0))
         self.bad_streak = int(checkpoint.get("d2v_bad_streak", 0))

@@ -17,7 +17,7 @@ from .masking import (
     span_mask,
 )
 from .multimask import clone_targets, d2v2_objective, decoder_input, repeat_clones
-from .pooled import add_pooled_loss, mean_pool, pooled_loss, pooled_targets
+from .pooled import add_pooled_loss, pooled_loss, pooled_targets
 from .targets import NORMS, batch_norm, build_targets, instance_norm, layer_norm, normalize
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "d2v2_objective",
     "decoder_input",
     "add_pooled_loss",
-    "mean_pool",
     "pooled_loss",
     "pooled_targets",
     "repeat_clones",

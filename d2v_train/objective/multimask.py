@@ -27,7 +27,7 @@ from d2v_train.models.visible import scatter_tokens
 from .config import ObjectiveConfig
 from .loss import all_reduce_sum, masked_regression_loss, objective_outputs, regression_loss, world_size
 from .masking import MaskingConfig, compute_mask
-from .pooled import add_pooled_loss
+from .pooled import add_pooled_loss, pooled_targets
 from .targets import build_targets
 
 __all__ = ["EXACT_MASK_KINDS", "repeat_clones", "clone_targets", "decoder_input", "teacher_targets", "d2v2_objective"]
@@ -164,5 +164,6 @@ def d2v2_objective(
     if obj.pooled_loss > 0:
         if pooled_head is None:
             raise ValueError("objective.pooled_loss > 0 needs its pooled_head")
-        add_pooled_loss(out, obj.pooled_loss, pooled_head, hidden[:, num_prefix:], kept_padding, targets, token_pad, clones)
+        target_means = repeat_clones(pooled_targets(targets, token_pad), clones)
+        add_pooled_loss(out, obj.pooled_loss, pooled_head, hidden[:, num_prefix:], kept_padding, target_means)
     return out

@@ -22,7 +22,7 @@ from d2v_train.models.transformer import mean_pool
 from .loss import all_reduce_sum, world_size
 from .targets import batch_norm
 
-__all__ = ["mean_pool", "pooled_targets", "pooled_loss", "add_pooled_loss"]
+__all__ = ["pooled_targets", "pooled_loss", "add_pooled_loss"]
 
 
 @torch.no_grad()
@@ -51,23 +51,17 @@ def add_pooled_loss(
     head: nn.Module,
     hidden: Tensor,
     hidden_padding: Optional[Tensor],
-    targets: Tensor,
-    target_padding: Optional[Tensor],
-    clones: int = 1,
+    target: Tensor,
 ) -> None:
     """Adds ``weight`` x the pooled loss to an objective's outputs (``loss``, the all-reduced
     ``global_loss``) and logs it unweighted as ``pooled_loss``.
 
     Args:
-        hidden: the student's last layer without extra tokens, ``(B * clones, T', D)``: every
-            position for v1, the kept ones for 2.0.
-        hidden_padding / target_padding: True = leave out of the mean (padding; text also leaves
-            out its special tokens).
-        targets: the teacher's per-token targets ``(B, T, D)``, once per sample.
+        hidden: the student's last layer without extra tokens, ``(N, T', D)``: every position for
+            v1, the kept ones of each masked copy for 2.0.
+        hidden_padding: True = leave out of the mean (padding; text also leaves out its special tokens).
+        target: ``pooled_targets`` ``(N, D)``, one row per row of ``hidden`` (2.0 repeats it per copy).
     """
-    target = pooled_targets(targets, target_padding)
-    if clones > 1:
-        target = target.repeat_interleave(clones, dim=0)  # clone j of sample b is row b*M + j
     local = pooled_loss(head, hidden, hidden_padding, target)
     out["loss"] = out["loss"] + weight * local
     mean = all_reduce_sum(local) / world_size()
