@@ -106,12 +106,22 @@ def test_experiments_compose_with_reference_values(tmp_path: Path) -> None:
 
 
 def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path: Path) -> None:
-    """modality=text's tiny preset masks 30% (chosen by probes, docs/presets.md), BERT-style; the
-    masking=text option and the 2.0 objective keep their published shares."""
+    """modality=text's tiny preset masks 30% (chosen by probes, docs/presets.md), BERT-style, and its
+    2.0 small setting 60%; the masking=text and masking=d2v2_text options keep their published shares."""
     tiny = compose_cfg(["modality=text"], tmp_path).masking
     assert (tiny.kind, tiny.mask_prob, tiny.leave_unmasked_prob, tiny.random_token_prob) == ("token", 0.3, 0.1, 0.1)
     assert compose_cfg(["modality=text", "masking=text"], tmp_path).masking.mask_prob == 0.15
-    assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.48
+    assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.6
+    assert OmegaConf.load(CONFIGS / "masking" / "d2v2_text.yaml").mask_prob == 0.48
+
+
+def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path: Path) -> None:
+    """The tiny text 2.0 setting runs its conv decoder 32 wide, half its encoder (cheaper, probes as
+    high); the published text recipes keep the encoder's width and their masked shares."""
+    assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).objective.decoder.dim == 32
+    for recipe in ("d2v2_text_base", "d2v2_text_large"):
+        cfg = compose_cfg([f"experiment={recipe}", "data.path=/nonexistent"], tmp_path)
+        assert (cfg.objective.decoder.dim, cfg.masking.mask_prob) == (768, 0.48 if recipe.endswith("base") else 0.5)
 
 
 def test_text_preset_teacher_stops_after_its_ramp_and_2_0_keeps_its_own(tmp_path: Path) -> None:
