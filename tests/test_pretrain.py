@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from d2v_train.lightning import Data2VecPretraining
-from d2v_train.lightning.optim import OptimConfig, lr_lambda, param_groups
+from d2v_train.lightning.optim import OptimConfig, adamw, build_optimizer, lr_lambda, param_groups
 from d2v_train.models import build_encoder
 
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
@@ -206,6 +206,28 @@ def test_same_seed_same_masks_and_gradients_only_through_masked_predictions() ->
     assert (g[~out["mask"]] == 0).all() and (g[out["mask"]].abs().sum(-1) > 0).all()
     assert (captured["h"].grad[:, 0] == 0).all()
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_fused_adamw_by_default_and_it_updates_as_the_loop_does() -> None:
+    """optim.fused (default true) takes torch's fused kernel; its updates match the per-tensor loop's
+    (weight decay groups, bias correction) to float rounding; fused=false keeps the loop."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer({"net": n}, OptimConfig(lr=1e-2, weight_decay=0.1, fused=f), 10)[0] for n, f in zip(nets, (True, False))]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    start = nets[0][0].weight.detach().clone()
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (nets[0][0].weight - start).abs().min() > 1e-3  # every weight moved: the comparison is not vacuous
+    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)  # not floating: no fused kernel
+    assert not adamw([{"params": [half]}], OptimConfig()).defaults["fused"]
 
 
 def test_optimizer_groups_and_schedules() -> None:

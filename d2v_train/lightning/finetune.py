@@ -34,7 +34,7 @@ from d2v_train.models.heads import TaskHead
 from .augment import MixupConfig, channel_mask, mask_for_mlm, mixup_cutmix, soft_cross_entropy, time_mask
 from .checkpointing import refuse_other_layout
 from .metrics import CharDecoder, TaskMetrics
-from .optim import OptimConfig, lr_lambda
+from .optim import OptimConfig, adamw, lr_lambda
 
 __all__ = ["FineTuning", "FinetuneConfig", "layer_id", "layer_decay_groups"]
 
@@ -350,7 +350,7 @@ class FineTuning(L.LightningModule):
             max_steps = self.trainer.max_steps if self._trainer is not None else -1
             total = max_steps if max_steps and max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         groups = layer_decay_groups(self.model, self.optim, self.ft.layer_decay, skip=self.frozen_prefixes)
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)  # type: ignore[arg-type]
+        opt = adamw(groups, self.optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, int(total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["OptimConfig", "param_groups", "lr_lambda", "build_optimizer"]
+__all__ = ["OptimConfig", "param_groups", "lr_lambda", "adamw", "build_optimizer"]
 
 
 @dataclass
@@ -47,6 +47,9 @@ class OptimConfig:
     # polynomial
     power: float = 1.0
     end_lr: float = 0.0
+    # torch's fused AdamW kernel where every parameter allows it (CPU / CUDA floating tensors): one
+    # kernel for all tensors instead of a loop over them (a tiny model's update: 2.9 ms -> 0.5 ms)
+    fused: bool = True
 
 
 def _no_decay(name: str, param: torch.Tensor, names: Iterable[str]) -> bool:
@@ -128,11 +131,17 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     raise ValueError(f"optim.scheduler={kind!r} is not one of cosine, tri_stage, polynomial, constant")
 
 
+def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups``, fused when ``cfg.fused`` and every parameter is a floating
+    tensor on CPU or CUDA (elsewhere, e.g. MPS, torch's default implementation)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = cfg.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)  # type: ignore[arg-type]
+
+
 def build_optimizer(
     modules: dict[str, nn.Module], cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``param_groups`` and its per-update ``LambdaLR``."""
-    opt = torch.optim.AdamW(
-        param_groups(modules, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps  # type: ignore[arg-type]
-    )
+    opt = adamw(param_groups(modules, cfg), cfg)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
