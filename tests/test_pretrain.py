@@ -8,8 +8,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from d2v_train.cli import config_dir
 from d2v_train.lightning import Data2VecPretraining
 from d2v_train.lightning.optim import OptimConfig, adamw, build_optimizer, lr_lambda, param_groups
 from d2v_train.models import build_encoder
@@ -208,14 +210,15 @@ def test_same_seed_same_masks_and_gradients_only_through_masked_predictions() ->
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
-def test_fused_adamw_by_default_and_it_updates_as_the_loop_does() -> None:
-    """optim.fused (default true) takes torch's fused kernel; its updates match the per-tensor loop's
-    (weight decay groups, bias correction) to float rounding; fused=false keeps the loop."""
+def test_fused_adamw_updates_as_the_loop_does_and_is_off_by_default() -> None:
+    """optim.fused=true takes torch's fused kernel; its updates match the per-tensor loop's (weight
+    decay groups, bias correction) to float rounding; the default keeps the loop."""
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     opts = [build_optimizer({"net": n}, OptimConfig(lr=1e-2, weight_decay=0.1, fused=f), 10)[0] for n, f in zip(nets, (True, False))]
     assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    assert not OptimConfig().fused and OmegaConf.load(f"{config_dir()}/optim/adamw.yaml").fused is False
     start = nets[0][0].weight.detach().clone()
     x = torch.randn(32, 8)
     for _ in range(5):
@@ -227,7 +230,7 @@ def test_fused_adamw_by_default_and_it_updates_as_the_loop_does() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (nets[0][0].weight - start).abs().min() > 1e-3  # every weight moved: the comparison is not vacuous
     half = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)  # not floating: no fused kernel
-    assert not adamw([{"params": [half]}], OptimConfig()).defaults["fused"]
+    assert not adamw([{"params": [half]}], OptimConfig(fused=True)).defaults["fused"]
 
 
 def test_optimizer_groups_and_schedules() -> None:
