@@ -229,8 +229,8 @@ def test_fused_adamw_updates_as_the_loop_does_and_is_off_by_default() -> None:
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (nets[0][0].weight - start).abs().min() > 1e-3  # every weight moved: the comparison is not vacuous
-    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)  # not floating: no fused kernel
-    assert not adamw([{"params": [half]}], OptimConfig(fused=True)).defaults["fused"]
+    counts = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)  # not floating: no fused kernel
+    assert not adamw([{"params": [counts]}], OptimConfig(fused=True)).defaults["fused"]
 
 
 def test_optimizer_groups_and_schedules() -> None:
