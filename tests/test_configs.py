@@ -117,11 +117,11 @@ def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path
 
 def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path: Path) -> None:
     """The tiny text 2.0 setting runs its conv decoder 32 wide, half its encoder (cheaper, probes as
-    high), at lr 3e-3 where v1 text takes 2e-3; the published text recipes keep the encoder's width,
-    their masked shares and their learning rates."""
+    high), at the tiny text preset's lr 3e-3 as v1 does; the published text recipes keep the
+    encoder's width, their masked shares and their learning rates."""
     small = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path)
     assert (small.objective.decoder.dim, small.optim.lr) == (32, 3e-3)
-    assert compose_cfg(["modality=text"], tmp_path).optim.lr == 2e-3
+    assert compose_cfg(["modality=text"], tmp_path).optim.lr == 3e-3
     for recipe, mask_prob, lr in (("d2v2_text_base", 0.48, 2e-4), ("d2v2_text_large", 0.5, 1e-4)):
         cfg = compose_cfg([f"experiment={recipe}", "data.path=/nonexistent"], tmp_path)
         assert (cfg.objective.decoder.dim, cfg.masking.mask_prob, cfg.optim.lr) == (768, mask_prob, lr)
