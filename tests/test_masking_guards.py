@@ -4,6 +4,8 @@ replacement ids."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,56 @@ def test_random_replacement_needs_candidate_ids() -> None:
     for empty in (None, torch.tensor([], dtype=torch.long)):
         with pytest.raises(ValueError, match="random_token_prob > 0 needs random_token_ids"):
             mask_tokens(ids, mask_id=4, maskable=maskable, random_token_ids=empty, random_token_prob=0.1)
+
+
+def _beit_one_attempt_per_round(
+    batch: int, grid: tuple[int, int], num: int, min_patches: int, max_patches: int, attempts: int, seed: int
+) -> torch.Tensor:
+    """BEiT's loop as written: every round, one attempt for every sample still going, with four
+    fresh uniforms per sample; kept to check the attempt-window version against it."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = grid
+    log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    count = torch.zeros(batch, dtype=torch.long)
+    fails = torch.zeros(batch, dtype=torch.long)
+    active = torch.full((batch,), num > 0)
+    rows, cols = torch.arange(height).view(1, -1, 1), torch.arange(width).view(1, 1, -1)
+    while bool(active.any()):
+        u = torch.rand((batch, 4), generator=generator)
+        budget = torch.clamp(num - count, max=max_patches).float()
+        area = min_patches + (budget - min_patches) * u[:, 0]
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        h = torch.round(torch.sqrt(area * aspect)).long()
+        w = torch.round(torch.sqrt(area / aspect)).long()
+        top = torch.floor(u[:, 2] * (height - h + 1).clamp(min=1)).long().view(-1, 1, 1)
+        left = torch.floor(u[:, 3] * (width - w + 1).clamp(min=1)).long().view(-1, 1, 1)
+        rect = (rows >= top) & (rows < top + h.view(-1, 1, 1)) & (cols >= left) & (cols < left + w.view(-1, 1, 1))
+        new = (rect & ~mask).flatten(1).sum(1)
+        accept = active & (h < height) & (w < width) & (new > 0) & (new.float() <= budget)
+        mask |= rect & accept.view(-1, 1, 1)
+        count += torch.where(accept, new, 0)
+        fails = torch.where(accept, 0, fails + active.long())
+        active &= (count < num) & (fails < attempts)
+    return mask.flatten(1)
+
+
+@pytest.mark.parametrize(
+    "batch,grid,num,min_patches,max_patches,attempts",
+    [(64, (8, 8), 48, 4, 48, 10), (16, (14, 14), 120, 16, 120, 10), (7, (5, 9), 20, 2, 6, 3), (5, (3, 3), 9, 1, 9, 1)],
+)
+def test_beit_attempt_windows_give_the_one_attempt_per_round_masks(
+    batch: int, grid: tuple[int, int], num: int, min_patches: int, max_patches: int, attempts: int
+) -> None:
+    """Judging a sample's next attempts together must pick the attempt the sequential loop picks,
+    from the same uniforms: same masks, mask for mask, over many seeds."""
+    for seed in range(25):
+        fast = block_mask_2d(batch, grid, num, min_num_patches=min_patches, max_num_patches=max_patches,
+                             max_attempts=attempts, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        slow = _beit_one_attempt_per_round(batch, grid, num, min_patches, max_patches, attempts, seed)
+        assert torch.equal(fast, slow), (seed, fast.sum(1), slow.sum(1))
+
+
+def test_beit_masks_need_at_least_one_attempt() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        compute_mask(MaskingConfig(kind="block", num_mask_patches=8, min_num_patches=4, max_attempts=0), (2, 16), grid=(4, 4))

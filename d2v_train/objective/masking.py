@@ -298,53 +298,72 @@ def block_mask_2d(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """BEiT block-wise masking, vectorised over the batch.
+    """BEiT block-wise masking, vectorised over the batch and over each sample's attempts.
 
-    Rectangles are placed one per round per sample: area ~ U[min, remaining budget] (capped by
+    BEiT places rectangles one attempt at a time: area ~ U[min, remaining budget] (capped by
     ``max_num_patches``), aspect ratio log-uniform in [min_aspect, max_aspect], position uniform.
     A rectangle is kept only if it adds new patches without exceeding the remaining budget; a
     sample stops when its budget is met or after ``max_attempts`` consecutive failures (BEiT's
     "no progress" stop), so a few samples end slightly below the budget, as in BEiT.
 
+    Between two accepted rectangles a sample's budget and mask do not change, so its next
+    ``max_attempts`` attempts can all be drawn and judged at once: the first that succeeds is the
+    one the sequential loop would have taken, and if none does the sample stops. A round of this
+    loop is one accepted rectangle (a handful per sample) rather than one attempt (dozens), which
+    matters on a GPU, where every round is a few dozen kernel launches and one host sync.
+    Attempt ``i`` of sample ``b`` reads the same four uniforms as in the one-attempt-per-round
+    form (row ``i`` of a ``(rounds, batch, 4)`` draw), so on CPU both give the same masks.
+
     Returns:
         bool ``(batch, H*W)`` (row-major patches), True = masked.
     """
+    if max_attempts < 1:
+        raise ValueError(f"masking.max_attempts must be >= 1 (BEiT uses 10), got {max_attempts}")
     dev = torch.device(device) if device is not None else _gen_device(generator)
     height, width = grid
     max_num_patches = num_mask_patches if max_num_patches is None else max_num_patches
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    attempts = max_attempts
     mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=dev)
     count = torch.zeros(batch_size, dtype=torch.long, device=dev)
-    fails = torch.zeros(batch_size, dtype=torch.long, device=dev)
+    next_attempt = torch.zeros(batch_size, dtype=torch.long, device=dev)  # per sample, into the draws
     active = torch.full((batch_size,), num_mask_patches > 0, dtype=torch.bool, device=dev)
-    rows = torch.arange(height, device=dev).view(1, height, 1)
-    cols = torch.arange(width, device=dev).view(1, 1, width)
-    max_rounds = (num_mask_patches + 1) * (max_attempts + 1) + 1
-    for _ in range(max_rounds):  # rounds, not tokens: each round is one attempt for every sample
-        if not bool(active.any()):
+    rows = torch.arange(height, device=dev)
+    cols = torch.arange(width, device=dev)
+    window = torch.arange(attempts, device=dev).view(1, attempts)
+    sample = torch.arange(batch_size, device=dev)
+    draws = torch.empty(0, batch_size, 4, device=dev)
+    # each round accepts a rectangle of >= 1 patch or stops the sample: at most num + 1 rounds
+    for _ in range(num_mask_patches + 1):
+        any_active, last = torch.stack([active.any().long(), next_attempt.max()]).tolist()
+        if not any_active:
             break
-        u = _rand((batch_size, 4), generator, dev)
-        budget = torch.clamp(num_mask_patches - count, max=max_num_patches).float()
-        area = min_num_patches + (budget - min_num_patches) * u[:, 0]  # random.uniform(a, b)
-        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        if last + attempts > draws.shape[0]:  # more attempts drawn, in the order BEiT's loop reads them
+            extra = max(last + attempts - draws.shape[0], 2 * attempts)
+            draws = torch.cat([draws, _rand((extra, batch_size, 4), generator, dev)])
+        u = draws[next_attempt.view(-1, 1) + window, sample.view(-1, 1)]  # (batch, attempts, 4)
+        budget = torch.clamp(num_mask_patches - count, max=max_num_patches).float().view(-1, 1)
+        area = min_num_patches + (budget - min_num_patches) * u[..., 0]  # random.uniform(a, b)
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
         h = torch.round(torch.sqrt(area * aspect)).long()
         w = torch.round(torch.sqrt(area / aspect)).long()
         fits = (h < height) & (w < width)
-        top = torch.floor(u[:, 2] * (height - h + 1).clamp(min=1)).long()
-        left = torch.floor(u[:, 3] * (width - w + 1).clamp(min=1)).long()
-        rect = (
-            (rows >= top.view(-1, 1, 1))
-            & (rows < (top + h).view(-1, 1, 1))
-            & (cols >= left.view(-1, 1, 1))
-            & (cols < (left + w).view(-1, 1, 1))
-        )
-        new = (rect & ~mask).flatten(1).sum(1)
-        accept = active & fits & (new > 0) & (new.float() <= budget)
-        mask |= rect & accept.view(-1, 1, 1)
-        count = count + torch.where(accept, new, torch.zeros_like(new))
-        fails = torch.where(accept, torch.zeros_like(fails), fails + active.long())
-        active = active & (count < num_mask_patches) & (fails < max_attempts)
+        top = torch.floor(u[..., 2] * (height - h + 1).clamp(min=1)).long()
+        left = torch.floor(u[..., 3] * (width - w + 1).clamp(min=1)).long()
+        # a rectangle is its rows x its columns: count what it would add without building it
+        in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))  # (batch, attempts, H)
+        in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))  # (batch, attempts, W)
+        covered = ((in_rows.float() @ mask.float()) * in_cols).sum(-1)  # masked patches inside; exact
+        new = in_rows.sum(-1) * in_cols.sum(-1) - covered.long()
+        ok = fits & (new > 0) & (new.float() <= budget)
+        accept = active & ok.any(1)
+        first = ok.long().argmax(1)  # the first attempt that succeeds
+        chosen = in_rows[sample, first].unsqueeze(-1) & in_cols[sample, first].unsqueeze(-2)
+        mask |= chosen & accept.view(-1, 1, 1)
+        count = count + torch.where(accept, new[sample, first], torch.zeros_like(count))
+        next_attempt = next_attempt + torch.where(accept, first + 1, torch.full_like(first, attempts)) * active
+        active = accept & (count < num_mask_patches)
     return mask.flatten(1)
 
 
