@@ -19,6 +19,8 @@ from d2v_train.models import (
 from d2v_train.models.heads import (
     AudioForCTC,
     AudioForFrameClassification,
+    AudioForSequenceClassification,
+    AudioForXVector,
     TextForSequenceClassification,
     TextForTokenClassification,
     VisionForImageClassification,
@@ -150,6 +152,24 @@ def test_frame_class_ids_skip_padded_frames():
     valid = ~out.padding_mask
     assert out.padding_mask.any()
     assert torch.allclose(loss, F.cross_entropy(out.logits[valid], labels[valid]), atol=1e-6)
+
+
+@pytest.mark.parametrize("head_class,too_short,long_enough", [
+    (AudioForSequenceClassification, 15, 25),  # a 20-sample receptive field: 15 samples give no frame
+    (AudioForXVector, 90, 400),  # 8 frames; TDNN kernels 5, 3, 3 take 8 (HF's count), the std needs 2
+])
+def test_utterance_pooling_names_rows_without_enough_frames(head_class, too_short, long_enough):
+    """A clip too short to pool would give NaN logits (0 / 0), and one NaN row spoils the batch's loss."""
+    torch.manual_seed(0)
+    model = head_class(_audio_encoder(), num_labels=3, **({"tdnn_dim": [8, 8, 8], "tdnn_kernel": [5, 3, 3],
+                       "tdnn_dilation": [1, 2, 3], "xvector_output_dim": 8} if head_class is AudioForXVector else {})).eval()  # fmt: skip
+    waves = torch.randn(3, 2000)
+    padding = torch.zeros(3, 2000, dtype=torch.bool)
+    padding[2, too_short:] = True
+    with pytest.raises(ValueError, match=r"batch row\(s\) \[2\]"):
+        model(waves, padding_mask=padding)
+    padding[2, :long_enough] = False
+    assert torch.isfinite(model(waves, padding_mask=padding).logits).all()
 
 
 def test_token_classification_ignores_padding_labels():

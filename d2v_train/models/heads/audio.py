@@ -69,6 +69,17 @@ class AudioHead(TaskHead):
         return mix(out.hidden_states), out.padding_mask, out.hidden_states
 
 
+def require_frames(count: Tensor, minimum: int, head: str) -> None:
+    """Pooling fewer frames than it needs gives NaN (0 / 0, or the spread of one frame), and one
+    NaN row poisons the loss of the whole batch; name the rows instead (one host sync a forward)."""
+    short = (count < minimum).nonzero().flatten()
+    if short.numel():
+        raise ValueError(
+            f"{head}: batch row(s) {short.tolist()} keep {count[short].clamp(min=0).tolist()} unpadded frame(s) for pooling, "
+            f"which needs at least {minimum}; give it longer clips (fine-tuning: raise data.min_sample_size)"
+        )
+
+
 def masked_mean(x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
     """Mean over time ``(batch, time, dim) -> (batch, dim)`` of the non-padded frames only."""
     if padding_mask is None:
@@ -170,6 +181,8 @@ class AudioForSequenceClassification(AudioHead):
         mask: Optional[Tensor] = None,
     ) -> HeadOutput:
         x, frame_padding, hidden = self.encode(inputs, padding_mask, mask)
+        if frame_padding is not None:
+            require_frames((~frame_padding).sum(1), 1, self.architecture)
         logits = self.out_proj(masked_mean(self.proj(x), frame_padding))
         loss = None
         if labels is not None:
@@ -318,6 +331,7 @@ class AudioForXVector(AudioHead):
         if padding_mask is not None:
             frames = self.encoder.output_lengths((~padding_mask).sum(-1), with_adapter=True)
             lengths = (frames - sum(int(k) - 1 for k in self.settings["tdnn_kernel"])).clamp(max=x.shape[1])
+            require_frames(lengths, 2, self.architecture)  # an unbiased std needs two
         embeddings = self.embed_proj(statistics_pooling(x, lengths))
         logits = self.out_proj(embeddings)
         loss = self.am_softmax(logits, labels) if labels is not None else None
