@@ -285,6 +285,19 @@ def mask_tokens(
 # v1 vision: BEiT block masking
 
 
+def _masked_in_rectangles(mask: Tensor, top: Tensor, bottom: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """Masked patches inside rows [top, bottom) x columns [left, right) of each sample's grid, for
+    ``(batch, k)`` rectangles at once, from the mask's summed-area table: exact integers (a float
+    matmul would round under bf16 autocast) and no ``(batch, k, H, W)`` tensor."""
+    width = mask.shape[2]
+    table = torch.nn.functional.pad(mask.long().cumsum(1).cumsum(2), (1, 0, 1, 0)).flatten(1)
+
+    def corner(row: Tensor, col: Tensor) -> Tensor:
+        return table.gather(1, row * (width + 1) + col)
+
+    return corner(bottom, right) - corner(top, right) - corner(bottom, left) + corner(top, left)
+
+
 def block_mask_2d(
     batch_size: int,
     grid: tuple[int, int],
@@ -325,25 +338,24 @@ def block_mask_2d(
     max_num_patches = num_mask_patches if max_num_patches is None else max_num_patches
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
-    attempts = max_attempts
     mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=dev)
     count = torch.zeros(batch_size, dtype=torch.long, device=dev)
     next_attempt = torch.zeros(batch_size, dtype=torch.long, device=dev)  # per sample, into the draws
     active = torch.full((batch_size,), num_mask_patches > 0, dtype=torch.bool, device=dev)
-    rows = torch.arange(height, device=dev)
-    cols = torch.arange(width, device=dev)
-    window = torch.arange(attempts, device=dev).view(1, attempts)
-    sample = torch.arange(batch_size, device=dev)
+    rows = torch.arange(height, device=dev).view(1, height, 1)
+    cols = torch.arange(width, device=dev).view(1, 1, width)
+    window = torch.arange(max_attempts, device=dev).view(1, max_attempts)
+    sample = torch.arange(batch_size, device=dev).view(-1, 1)
     draws = torch.empty(0, batch_size, 4, device=dev)
     # each round accepts a rectangle of >= 1 patch or stops the sample: at most num + 1 rounds
     for _ in range(num_mask_patches + 1):
         any_active, last = torch.stack([active.any().long(), next_attempt.max()]).tolist()
         if not any_active:
             break
-        if last + attempts > draws.shape[0]:  # more attempts drawn, in the order BEiT's loop reads them
-            extra = max(last + attempts - draws.shape[0], 2 * attempts)
+        if last + max_attempts > draws.shape[0]:  # more attempts drawn, in the order BEiT's loop reads them
+            extra = max(last + max_attempts - draws.shape[0], 2 * max_attempts)
             draws = torch.cat([draws, _rand((extra, batch_size, 4), generator, dev)])
-        u = draws[next_attempt.view(-1, 1) + window, sample.view(-1, 1)]  # (batch, attempts, 4)
+        u = draws[next_attempt.view(-1, 1) + window, sample]  # (batch, max_attempts, 4)
         budget = torch.clamp(num_mask_patches - count, max=max_num_patches).float().view(-1, 1)
         area = min_num_patches + (budget - min_num_patches) * u[..., 0]  # random.uniform(a, b)
         aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -352,18 +364,17 @@ def block_mask_2d(
         fits = (h < height) & (w < width)
         top = torch.floor(u[..., 2] * (height - h + 1).clamp(min=1)).long()
         left = torch.floor(u[..., 3] * (width - w + 1).clamp(min=1)).long()
-        # a rectangle is its rows x its columns: count what it would add without building it
-        in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))  # (batch, attempts, H)
-        in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))  # (batch, attempts, W)
-        covered = ((in_rows.float() @ mask.float()) * in_cols).sum(-1)  # masked patches inside; exact
-        new = in_rows.sum(-1) * in_cols.sum(-1) - covered.long()
+        bottom, right = (top + h).clamp(max=height), (left + w).clamp(max=width)  # cut at the grid
+        new = (bottom - top) * (right - left) - _masked_in_rectangles(mask, top, bottom, left, right)
         ok = fits & (new > 0) & (new.float() <= budget)
         accept = active & ok.any(1)
-        first = ok.long().argmax(1)  # the first attempt that succeeds
-        chosen = in_rows[sample, first].unsqueeze(-1) & in_cols[sample, first].unsqueeze(-2)
+        first = ok.long().argmax(1, keepdim=True)  # the first attempt that succeeds
+        r0, r1, c0, c1 = (t.gather(1, first).view(-1, 1, 1) for t in (top, bottom, left, right))
+        chosen = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
         mask |= chosen & accept.view(-1, 1, 1)
-        count = count + torch.where(accept, new[sample, first], torch.zeros_like(count))
-        next_attempt = next_attempt + torch.where(accept, first + 1, torch.full_like(first, attempts)) * active
+        count = count + torch.where(accept, new.gather(1, first).squeeze(1), torch.zeros_like(count))
+        step = torch.where(accept, first.squeeze(1) + 1, torch.full_like(count, max_attempts))
+        next_attempt = next_attempt + step * active
         active = accept & (count < num_mask_patches)
     return mask.flatten(1)
 
