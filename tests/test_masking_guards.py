@@ -108,6 +108,10 @@ def test_beit_attempt_windows_give_the_one_attempt_per_round_masks(
         assert torch.equal(fast, slow), (seed, fast.sum(1), slow.sum(1))
 
 
+def test_beit_masks_of_an_empty_batch() -> None:
+    assert block_mask_2d(0, (4, 4), 8, min_num_patches=2).shape == (0, 16)
+
+
 def test_beit_masks_need_at_least_one_attempt() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
         compute_mask(MaskingConfig(kind="block", num_mask_patches=8, min_num_patches=4, max_attempts=0), (2, 16), grid=(4, 4))

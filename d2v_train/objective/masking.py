@@ -348,7 +348,7 @@ def block_mask_2d(
     sample = torch.arange(batch_size, device=dev).view(-1, 1)
     draws = torch.empty(0, batch_size, 4, device=dev)
     # each round accepts a rectangle of >= 1 patch or stops the sample: at most num + 1 rounds
-    for _ in range(num_mask_patches + 1):
+    for _ in range(num_mask_patches + 1 if batch_size > 0 else 0):
         any_active, last = torch.stack([active.any().long(), next_attempt.max()]).tolist()
         if not any_active:
             break
