@@ -29,6 +29,13 @@ thread count, prints its row under ours (no memory or FLOP columns) and the rati
 the preset M to it in (sample x mask) pairs/s. It runs in its own process, after ours, so it is not
 interleaved with our variants; its masks for audio and images are drawn outside the timed update,
 as the reference's data loader draws them (the time is printed apart).
+
+``--profile DIR`` runs one more update of each variant, after the timed ones, under
+``torch.profiler`` and writes to DIR, per variant, a table of the ops that took the most time (on
+the device when there is one; ``vision_base_ours_v1.txt``, say) and a Chrome trace beside it. It prints, per variant, the
+update's wall time against the time the device was busy, the kernels launched and the host
+syncs: an update whose device sits idle most of its wall time is bound by launches or syncs, not
+by its arithmetic, and more FLOP/s will not come from faster matmuls.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import os
 import statistics
 import subprocess
 import tempfile
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +322,34 @@ def count_flops(variant: Variant) -> float:
     return float(counter.get_total_flops())
 
 
+def profile_update(variant: Variant, label: str, args: Any) -> str:
+    """Profiles one update; writes the op table and a trace to ``args.profile``; returns a summary line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = args.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    _sync(args.device)
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        variant.step(30_000)
+        _sync(args.device)
+        wall = time.perf_counter() - t
+    averages = prof.key_averages()
+    sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_")
+    (out / f"{stem}.txt").write_text(averages.table(sort_by=sort_key, row_limit=40, max_name_column_width=60))
+    prof.export_chrome_trace(str(out / f"{stem}.trace.json"))
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync"))
+    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages if e.device_type.name == "CUDA") / 1e6
+    line = f"  profile {label}: wall {wall:.4f} s"
+    if on_gpu:
+        line += f", device busy {busy:.4f} s ({busy / wall:.0%}), {launches} kernel launches, {syncs} syncs/copies"
+    return line + f" -> {out / stem}.txt"
+
+
 def bench(modality: str, size: str, args: Any) -> list[Variant]:
     inputs = make_batch(modality, args.batch, args.seconds, args.length, args.device)
     v1, ref = ours(modality, size, 1, inputs, None, args)
@@ -333,6 +369,9 @@ def bench(modality: str, size: str, args: Any) -> list[Variant]:
             v.encoded = v.step(i + 1)
             _sync(args.device)
             v.times.append(time.perf_counter() - t)
+    if args.profile is not None:
+        for v in variants:
+            print(profile_update(v, f"{modality}-{size}-{v.name}", args), flush=True)
     return variants
 
 
@@ -376,6 +415,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--no-naive", action="store_true", help="skip the transformers loop")
     parser.add_argument("--reference-python", default=None, metavar="PATH",
                         help="a Python with fairseq: also time the reference data2vec 2.0 code (see above)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile one update per variant; op tables and traces go to DIR (see above)")
     args = parser.parse_args(argv)
     if args.reference_python is not None and not os.access(args.reference_python, os.X_OK):
         parser.error(f"--reference-python {args.reference_python}: not an executable file")

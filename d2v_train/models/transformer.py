@@ -138,7 +138,9 @@ class RelativePositionBias(nn.Module):
                 index = self._index(window).to(table.device)
             self._index_cache[window] = index
         n = window[0] * window[1] + 1
-        return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        # contiguous: CUDA's fused attention kernels want a mask whose last dimension has stride 1;
+        # the permuted view sent every vision attention call to the fp32 math path
+        return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
 class Attention(nn.Module):

@@ -323,8 +323,8 @@ def block_mask_2d(
     ``max_attempts`` attempts can all be drawn and judged at once: the first that succeeds is the
     one the sequential loop would have taken, and if none does the sample stops. A round of this
     loop is then one accepted rectangle per sample rather than one attempt (about 14 rounds
-    instead of 30 for a batch of 64 digits), which matters on a GPU, where every round is a few
-    dozen kernel launches and one host sync.
+    instead of 30 for a batch of 64 digits). Each round still ends in a host sync, so for a
+    device other than the CPU the mask is drawn on the CPU and copied over.
     Attempt ``i`` of sample ``b`` reads the same four uniforms as in the one-attempt-per-round
     form (row ``i`` of a ``(rounds, batch, 4)`` draw), so on CPU both give the same masks.
 
@@ -334,6 +334,17 @@ def block_mask_2d(
     if max_attempts < 1:
         raise ValueError(f"masking.max_attempts must be >= 1 (BEiT uses 10), got {max_attempts}")
     dev = torch.device(device) if device is not None else _gen_device(generator)
+    if dev.type != "cpu":
+        # Rejection sampling is a loop of small steps, each ending in a host sync. On a GPU every
+        # round pays launch and sync latency (a batch-16 mask at 224 pixels took 16 ms on an H200
+        # and 4 ms on that machine's CPU, copy included), so the mask is drawn on the CPU, as BEiT's
+        # data loader draws it, from a generator seeded by one draw of the device's, and copied over.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
+        return block_mask_2d(
+            batch_size, grid, num_mask_patches, min_num_patches=min_num_patches, max_num_patches=max_num_patches,
+            min_aspect=min_aspect, max_aspect=max_aspect, max_attempts=max_attempts,
+            generator=torch.Generator().manual_seed(seed), device="cpu",
+        ).to(dev)
     height, width = grid
     max_num_patches = num_mask_patches if max_num_patches is None else max_num_patches
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
