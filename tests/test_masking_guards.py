@@ -115,3 +115,14 @@ def test_beit_masks_of_an_empty_batch() -> None:
 def test_beit_masks_need_at_least_one_attempt() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
         compute_mask(MaskingConfig(kind="block", num_mask_patches=8, min_num_patches=4, max_attempts=0), (2, 16), grid=(4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_beit_masks_for_a_gpu_are_drawn_on_the_cpu_from_one_device_draw() -> None:
+    """On a GPU the rejection loop's host syncs cost more than the mask, so it runs on the CPU,
+    seeded by one draw of the device generator: the same device seed gives the same mask."""
+    gpu = torch.Generator(device="cuda").manual_seed(3)
+    mask = block_mask_2d(16, (14, 14), 120, generator=gpu, device="cuda")
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator(device="cuda").manual_seed(3), device="cuda"))
+    expected = block_mask_2d(16, (14, 14), 120, generator=torch.Generator().manual_seed(seed))
+    assert mask.device.type == "cuda" and torch.equal(mask.cpu(), expected)
