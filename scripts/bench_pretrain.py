@@ -32,10 +32,10 @@ as the reference's data loader draws them (the time is printed apart).
 
 ``--profile DIR`` runs one more update of each variant, after the timed ones, under
 ``torch.profiler`` and writes to DIR, per variant, a table of the ops that took the most time (on
-the device when there is one; ``vision_base_ours_v1.txt``, say) and a Chrome trace beside it. It prints, per variant, the
-update's wall time against the time the device was busy, the kernels launched and the host
-syncs: an update whose device sits idle most of its wall time is bound by launches or syncs, not
-by its arithmetic, and more FLOP/s will not come from faster matmuls.
+the device when there is one; ``vision_base_ours_v1.txt``, say) and a Chrome trace beside it. On a
+GPU it prints the update's wall time against the time the device was busy, the kernels launched
+and the host syncs and copies: an update whose device sits idle most of its wall time is bound by
+launches or syncs, not by its arithmetic, and faster matmuls will not speed it up.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import tempfile
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

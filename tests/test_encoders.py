@@ -117,19 +117,25 @@ def test_audio_convolutions_keep_one_memory_layout():
     assert all(out.is_contiguous() for out in outputs)
 
 
-def test_attention_runs_through_sdpa(monkeypatch):
-    calls = []
+@pytest.fixture
+def sdpa_masks(monkeypatch) -> list:
+    """The ``attn_mask`` of every ``scaled_dot_product_attention`` call, in order."""
+    masks = []
     real = F.scaled_dot_product_attention
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask"))
+    def recording(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return masks
+
+
+def test_attention_runs_through_sdpa(sdpa_masks):
     encoder = build_encoder("text", TEXT).eval()
     ids = torch.randint(3, 40, (2, 7))
     encoder(ids, padding_mask=torch.zeros(2, 7, dtype=torch.bool))
-    assert len(calls) == 2 and calls[0].dtype == torch.bool
+    assert len(sdpa_masks) == 2 and sdpa_masks[0].dtype == torch.bool
 
 
 @pytest.mark.parametrize("modality, config, inputs, padded", [
@@ -141,26 +147,18 @@ def test_attention_runs_through_sdpa(monkeypatch):
      torch.randn(2, 3, 16, 16), False),
     ("vision", VISION, torch.randn(2, 3, 24, 24), False),  # a resized bias
 ])
-def test_attention_masks_reach_sdpa_with_unit_last_stride(monkeypatch, modality, config, inputs, padded):
+def test_attention_masks_reach_sdpa_with_unit_last_stride(sdpa_masks, modality, config, inputs, padded):
     """CUDA's fused attention kernels refuse a mask whose last dimension is strided and fall back to
     the fp32 math path (the relative position bias as a permuted view cost v1 vision on an H200 about
     0.6 ms of attention per layer); CPU's kernel accepts either, so only the stride can be checked here."""
-    masks = []
-    real = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        masks.append(kwargs.get("attn_mask"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     padding = None
     if padded:
         padding = torch.zeros(inputs.shape[:2], dtype=torch.bool)
         padding[1, inputs.shape[1] // 2:] = True
     encoder = build_encoder(modality, config)
     encoder(inputs, **({"padding_mask": padding} if padded else {})).last_hidden_state.sum().backward()
-    assert len(masks) == 2
-    assert all(m is not None and m.stride(-1) == 1 for m in masks), [m.stride() for m in masks if m is not None]
+    assert len(sdpa_masks) == 2
+    assert all(m is not None and m.stride(-1) == 1 for m in sdpa_masks), [m.stride() for m in sdpa_masks if m is not None]
 
 
 @pytest.mark.parametrize(
