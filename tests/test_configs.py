@@ -106,7 +106,7 @@ def test_experiments_compose_with_reference_values(tmp_path: Path) -> None:
 
 
 def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path: Path) -> None:
-    """modality=text's tiny preset masks 30% (chosen by probes, docs/presets.md), BERT-style, and its
+    """modality=text's preset masks 30% (chosen by probes, docs/presets.md), BERT-style, and its
     2.0 small setting 60%; the masking=text and masking=d2v2_text options keep their published shares."""
     tiny = compose_cfg(["modality=text"], tmp_path).masking
     assert (tiny.kind, tiny.mask_prob, tiny.leave_unmasked_prob, tiny.random_token_prob) == ("token", 0.3, 0.1, 0.1)
@@ -115,12 +115,21 @@ def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path
     assert OmegaConf.load(CONFIGS / "masking" / "d2v2_text.yaml").mask_prob == 0.48
 
 
+def test_text_preset_is_two_blocks_of_128_averaging_both(tmp_path: Path) -> None:
+    """modality=text pretrains text_small (2 blocks of 128, chosen by probes over text_tiny's 4 of 64)
+    and averages both blocks for its targets, v1 and 2.0."""
+    for extra in ([], ["objective=d2v2_text"]):
+        cfg = compose_cfg(["modality=text", *extra], tmp_path)
+        assert (cfg.encoder.hidden_size, cfg.encoder.num_hidden_layers, cfg.encoder.intermediate_size) == (128, 2, 256)
+        assert cfg.objective.top_k == cfg.encoder.num_hidden_layers
+
+
 def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path: Path) -> None:
-    """The tiny text 2.0 setting runs its conv decoder 32 wide, half its encoder (cheaper, probes as
-    high), at the tiny text preset's lr 3e-3 as v1 does; the published text recipes keep the
+    """The small text 2.0 setting runs its conv decoder at half its encoder's width (cheaper, probes as
+    high), at the text preset's lr 3e-3 as v1 does; the published text recipes keep the
     encoder's width, their masked shares and their learning rates."""
     small = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path)
-    assert (small.objective.decoder.dim, small.optim.lr) == (32, 3e-3)
+    assert (small.objective.decoder.dim * 2, small.optim.lr) == (small.encoder.hidden_size, 3e-3)
     assert compose_cfg(["modality=text"], tmp_path).optim.lr == 3e-3
     for recipe, mask_prob, lr in (("d2v2_text_base", 0.48, 2e-4), ("d2v2_text_large", 0.5, 1e-4)):
         cfg = compose_cfg([f"experiment={recipe}", "data.path=/nonexistent"], tmp_path)

@@ -305,7 +305,7 @@ def test_preset_composes_and_a_short_run_lowers_the_loss(modality: str, tmp_path
     masking.update({"min_num_patches": 2, "block_size": 2} if modality == "vision" else {})
     model = Data2VecPretraining(enc, objective=objective, masking=masking, optim=dict(lr=2e-3, warmup_steps=3),
                                 special_token_ids=SPECIAL if modality == "text" else None)
-    rec = run(model, fixed_batch(modality), steps=35)
+    rec = run(model, fixed_batch(modality), steps=100)  # text's loss falls slowest: 0.76x its start after 60 updates
     first, last = sum(rec.losses[:3]) / 3, sum(rec.losses[-5:]) / 5
     assert last < 0.8 * first, (modality, rec.losses)
 
