@@ -180,6 +180,24 @@ def _encoder(cfg: DictConfig, pre: Any, dm: Any) -> Any:
         raise ConfigError(str(e)) from None
 
 
+def _skip_clips_too_short_for_head(cfg: DictConfig, encoder: Any, dm: Any) -> None:
+    """Raise the data's ``min_sample_size`` to the shortest clip the head can pool (x-vector: 16
+    frames after the CNN with its default TDNN), so such clips are skipped and counted at set-up
+    like any other unusable item, instead of failing the batch they land in."""
+    from d2v_train.models.heads import HEADS, TASKS
+
+    task = str(cfg.head.task)
+    head_cls = HEADS.get(task) or TASKS["audio"].get(task)
+    if head_cls is None or not hasattr(head_cls, "min_samples") or not hasattr(dm, "min_sample_size"):
+        return
+    need = head_cls.min_samples(encoder, _non_null(cfg.head.get("settings")))
+    if need > int(dm.min_sample_size):
+        rate = int(getattr(dm, "sample_rate", 16000))
+        log.info("head=%s needs clips of at least %d samples (%.3f s at %d Hz); shorter ones are skipped (data.min_sample_size was %d)",
+                 task, need, need / rate, rate, dm.min_sample_size)  # fmt: skip
+        dm.min_sample_size = need
+
+
 def _head_settings(cfg: DictConfig, dm: Any) -> tuple[dict[str, Any], Optional[list[str]], Optional[list[str]]]:
     """Head settings from ``head.settings`` plus what the data decides (classes, CTC vocabulary)."""
     settings = _non_null(cfg.head.get("settings"))
@@ -242,8 +260,13 @@ def build(cfg: DictConfig, datamodule: Any = None) -> tuple[Any, Any, Any]:
 
     pre = _load_source(cfg)
     dm = datamodule if datamodule is not None else _datamodule(cfg)
-    _setup_data(dm)
-    encoder = _encoder(cfg, pre, dm)
+    if cfg.modality == "audio":  # the encoder needs nothing from the data; the data needs the head's shortest clip
+        encoder = _encoder(cfg, pre, dm)
+        _skip_clips_too_short_for_head(cfg, encoder, dm)
+        _setup_data(dm)
+    else:  # text: the encoder follows the data's tokenizer
+        _setup_data(dm)
+        encoder = _encoder(cfg, pre, dm)
     settings, vocab, classes = _head_settings(cfg, dm)
     try:
         model = build_head(cfg.head.task, encoder, **settings)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -86,6 +87,30 @@ def test_speech_ctc_moves_and_decodes(tmp_path: Path, speech_cache: str) -> None
     # the vocabulary is saved with the model: in the checkpoint and beside the export
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["vocab"] == module.vocab
+
+
+def test_xvector_skips_clips_too_short_for_its_tdnn(tmp_path: Path) -> None:
+    """Clips past the CNN's receptive field but too short for the x-vector's TDNN and statistics
+    pooling are skipped and counted at set-up (they used to stop the run at the batch holding them)."""
+    import soundfile as sf
+
+    from d2v_train.models.heads import AudioForXVector
+
+    rng = np.random.default_rng(0)
+    for speaker, pitch in (("a", 180.0), ("b", 420.0)):
+        (tmp_path / "data" / speaker).mkdir(parents=True)
+        for i, n in enumerate([9000] * 10 + [2000] * 3):  # 2,000 samples: 6 frames; the TDNN needs 16
+            t = np.arange(n) / 16000
+            wave = np.sin(2 * np.pi * pitch * t) + 0.1 * rng.standard_normal(n)
+            sf.write(str(tmp_path / "data" / speaker / f"{i}.wav"), wave.astype(np.float32), 16000)
+    cfg = cfg_for(tmp_path / "run", "head=xvector", "data=audio", f"data.path={tmp_path / 'data'}", "data.val_fraction=0.25",
+                  "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0")  # fmt: skip
+    module, dm, trainer = build(cfg)
+    shortest = AudioForXVector.min_samples(module.model.encoder, dict(cfg.head.settings))
+    assert 2000 < dm.min_sample_size == shortest <= 9000
+    assert dm.skip_counts()["too_short"] == 6
+    trainer.fit(module, datamodule=dm)
+    assert np.isfinite(float(trainer.callback_metrics["val/loss"]))
 
 
 def labelled_text(path: Path, n: int = 320) -> Path:

@@ -172,6 +172,30 @@ def test_utterance_pooling_names_rows_without_enough_frames(head_class, too_shor
     assert torch.isfinite(model(waves, padding_mask=padding).logits).all()
 
 
+@pytest.mark.parametrize("head_class,settings,frames", [
+    (AudioForSequenceClassification, {}, 1),
+    (AudioForXVector, {"tdnn_dim": [8, 8, 8], "tdnn_kernel": [5, 3, 3], "tdnn_dilation": [1, 2, 3], "xvector_output_dim": 8}, 16),
+    (AudioForXVector, {"tdnn_dim": [8, 8], "tdnn_kernel": [3, 1], "tdnn_dilation": [1, 1], "xvector_output_dim": 8}, 4),
+])
+def test_shortest_clip_a_head_pools_runs_alone_and_one_sample_less_does_not(head_class, settings, frames):
+    """``min_samples`` is what d2v-finetune raises ``data.min_sample_size`` to: a batch whose longest
+    clip has that length must pool, one sample less must not reach the frames the head needs."""
+    torch.manual_seed(0)
+    encoder = _audio_encoder()
+    shortest = head_class.min_samples(encoder, settings)
+    assert head_class.min_frames({**head_class.defaults, **settings}) == frames
+    assert int(encoder.output_lengths(torch.tensor([shortest]))[0]) == frames
+    assert int(encoder.output_lengths(torch.tensor([shortest - 1]))[0]) == frames - 1
+    model = head_class(encoder, num_labels=3, **settings).eval()
+    for length in (shortest, shortest - 1):
+        waves, padding = torch.randn(2, length), torch.zeros(2, length, dtype=torch.bool)
+        if length == shortest:
+            assert torch.isfinite(model(waves, padding_mask=padding).logits).all()
+        else:
+            with pytest.raises((ValueError, RuntimeError)):
+                model(waves, padding_mask=padding)
+
+
 def test_token_classification_ignores_padding_labels():
     torch.manual_seed(0)
     model = TextForTokenClassification(_text_encoder(), num_labels=4).eval()

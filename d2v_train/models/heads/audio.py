@@ -11,13 +11,13 @@ is drawn by the caller (the fine-tuning module), not here.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import HeadOutput, TaskHead, sequence_classification_loss
+from .common import HeadOutput, TaskHead, resolve_settings, sequence_classification_loss
 
 
 class LayerMix(nn.Module):
@@ -46,6 +46,34 @@ class AudioHead(TaskHead):
         if not self.settings.get("use_weighted_layer_sum"):
             return None
         return LayerMix(self.encoder.config.num_hidden_layers + 1)
+
+    @classmethod
+    def min_frames(cls, settings: Mapping[str, Any]) -> int:
+        """Frames a clip must keep after the CNN (and adapter) for this head to run on it alone
+        (``settings``: the head's resolved settings)."""
+        return 1
+
+    @classmethod
+    def min_samples(cls, encoder: nn.Module, overrides: Mapping[str, Any]) -> int:
+        """The shortest clip, in samples, that gives ``min_frames`` frames through ``encoder``: the
+        fine-tuning data skips shorter clips, so one short clip cannot stop a run mid-epoch."""
+        settings = resolve_settings(
+            cls.defaults, encoder.config.extra, {k: v for k, v in overrides.items() if k in cls.defaults},
+            with_labels=False, where=cls.__name__,
+        )  # fmt: skip
+        need = cls.min_frames(settings)
+
+        def enough(samples: int) -> bool:
+            return int(encoder.output_lengths(torch.tensor([samples]), with_adapter=True)[0]) >= need
+
+        high = 1
+        while not enough(high):  # frames grow with samples: double, then bisect
+            high *= 2
+        low = high // 2  # not enough (or 0)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if enough(mid) else (mid, high)
+        return high
 
     def _reject_adapter(self) -> None:
         if self.encoder.config.add_adapter:
@@ -76,7 +104,7 @@ def require_frames(count: Tensor, minimum: int, head: str) -> None:
     if short.numel():
         raise ValueError(
             f"{head}: batch row(s) {short.tolist()} keep {count[short].clamp(min=0).tolist()} unpadded frame(s) for pooling, "
-            f"which needs at least {minimum}; give it longer clips (fine-tuning: raise data.min_sample_size)"
+            f"which needs at least {minimum}; give it longer clips (d2v-finetune skips clips shorter than its head needs)"
         )
 
 
@@ -302,6 +330,13 @@ class AudioForXVector(AudioHead):
     }
     am_scale = 30.0
     am_margin = 0.4
+
+    @classmethod
+    def min_frames(cls, settings: Mapping[str, Any]) -> int:
+        """Each TDNN layer trims ``dilation * (kernel - 1)`` frames; the statistics pooling's unbiased
+        standard deviation needs two of what is left."""
+        spans = zip(settings["tdnn_kernel"], settings["tdnn_dilation"])
+        return 2 + sum(int(d) * (int(k) - 1) for k, d in spans)
 
     def __init__(self, encoder: nn.Module, **overrides: Any) -> None:
         super().__init__(encoder, **overrides)
