@@ -184,11 +184,14 @@ def _skip_clips_too_short_for_head(cfg: DictConfig, encoder: Any, dm: Any) -> No
     """Raise the data's ``min_sample_size`` to the shortest clip the head can pool (x-vector: 16
     frames after the CNN with its default TDNN), so such clips are skipped and counted at set-up
     like any other unusable item, instead of failing the batch they land in."""
-    from d2v_train.models.heads import HEADS, TASKS
+    from d2v_train.models.heads import head_class
 
     task = str(cfg.head.task)
-    head_cls = HEADS.get(task) or TASKS["audio"].get(task)
-    if head_cls is None or not hasattr(head_cls, "min_samples") or not hasattr(dm, "min_sample_size"):
+    try:
+        head_cls = head_class(task, "audio")
+    except ValueError as e:
+        raise ConfigError(f"head: {e}") from None
+    if not hasattr(head_cls, "min_samples") or not hasattr(dm, "min_sample_size"):
         return
     need = head_cls.min_samples(encoder, _non_null(cfg.head.get("settings")))
     if need > int(dm.min_sample_size):

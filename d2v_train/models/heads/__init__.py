@@ -61,15 +61,19 @@ TASKS: dict[str, dict[str, type[TaskHead]]] = {
 """modality -> short task name (what a ``head=`` config names) -> head class."""
 
 
-def build_head(task: str, encoder: nn.Module, **settings: Any) -> TaskHead:
-    """The ``task`` head (a short name from ``TASKS`` or a transformers class name) on ``encoder``."""
-    modality = getattr(encoder, "modality", None)
+def head_class(task: str, modality: Any) -> type[TaskHead]:
+    """The class of the ``task`` head: a short name from ``TASKS`` or a transformers class name."""
     if task in HEADS:
-        return HEADS[task](encoder, **settings)
+        return HEADS[task]
     tasks = TASKS.get(modality, {})
     if task not in tasks:
         raise ValueError(f"unknown {modality} task {task!r}; expected one of {sorted(tasks)} or a class in {sorted(HEADS)}")
-    return tasks[task](encoder, **settings)
+    return tasks[task]
+
+
+def build_head(task: str, encoder: nn.Module, **settings: Any) -> TaskHead:
+    """The ``task`` head on ``encoder``."""
+    return head_class(task, getattr(encoder, "modality", None))(encoder, **settings)
 
 __all__ = [
     "AudioForCTC",
@@ -89,4 +93,5 @@ __all__ = [
     "VisionForImageClassification",
     "VisionForSemanticSegmentation",
     "build_head",
+    "head_class",
 ]
