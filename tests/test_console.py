@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from run_options import NO_PROBE_COMPARISON
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.batch_size=8", "encoder.hidden_size=32", "encoder.intermediate_size=64",
-        "encoder.num_hidden_layers=2", "objective.top_k=2"]
+        "encoder.num_hidden_layers=2", "objective.top_k=2", *NO_PROBE_COMPARISON]
 NOISE = ("GPU available", "TPU available", "💡 Tip", "litlogger", "LeafSpec", "Epoch 0/-2",
          "find_unused_parameters", "Trainer.fit` stopped", "┏━━━", "Total params")
 

@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from run_options import NO_PROBE_COMPARISON
+
 import d2v_train
 from d2v_train.cli import ConfigError
 from d2v_train.export import run
@@ -30,7 +32,7 @@ def pretrain_ckpt(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     done = subprocess.run(
         [sys.executable, "-m", "d2v_train.pretrain", f"hydra.run.dir={run_dir}", "trainer.max_steps=4",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *NO_PROBE_COMPARISON],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -153,7 +155,7 @@ def test_text_tokenizer_travels_from_pretraining_to_export_and_finetuning(tmp_pa
     common = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"data.cache_dir={cache}"]
     done = subprocess.run(
         [sys.executable, "-m", "d2v_train.pretrain", "modality=text", "data.vocab_size=600", "trainer.max_steps=2",
-         f"hydra.run.dir={run_dir}", *common], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         f"hydra.run.dir={run_dir}", *common, *NO_PROBE_COMPARISON], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     tokenizer = run_dir / "tokenizer.json"
     assert tokenizer.is_file()

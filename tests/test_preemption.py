@@ -22,12 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_options import NO_PROBE_COMPARISON
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 TINY = [
     "trainer.enable_progress_bar=false", "data.batch_size=8", "encoder.hidden_size=32",
     "encoder.intermediate_size=64", "encoder.num_hidden_layers=2", "objective.top_k=2",
-    f"trainer.max_steps={STEPS}", f"optim.total_steps={STEPS}", "optim.warmup_steps=2",
+    f"trainer.max_steps={STEPS}", f"optim.total_steps={STEPS}", "optim.warmup_steps=2", *NO_PROBE_COMPARISON,
 ]
 
 KILLER = '''

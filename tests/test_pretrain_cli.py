@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_options import NO_PROBE_COMPARISON
+
 from d2v_train.pretrain import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +26,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
 
 def test_default_run_writes_run_dir_and_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    common = [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "seed=3"]
+    common = [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "seed=3", *NO_PROBE_COMPARISON]
     first = run_cli(*common, "trainer.max_steps=6")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
