@@ -8,13 +8,16 @@ For each seed it runs the default pretraining command (skipped when the run dire
 `checkpoints/last.ckpt`), then compares on the data module's labelled probe task (`probe_sets()`):
 a cheap baseline on the raw input (text: TF-IDF over tokens; audio: log-mel), the same encoder
 architecture at random initialisation, and the pretrained encoder, with few labels per class and
-with all labels. Features are frozen, mean-pooled over the last layer's non-padded tokens, encoder
-in eval mode, no masking; the linear probe is d2v-eval's (standardised features, logistic regression
-with C chosen per row by cross-validation on that row's training labels; `--C 1` fixes it). Each
-seed draws its own pretraining run and random init; its few-label cell is the mean over `--subsets`
-class-balanced draws (subset j of seed s is drawn with seed s + 1000 j), since with 10 labels per
-class one draw moves the figure by several points. The table shows mean ± standard deviation over
-seeds.
+with all labels. Text adds a classic unsupervised reference of the encoder's width: latent semantic
+analysis (TF-IDF of the run's unlabelled training corpus, truncated SVD to `--lsa` dimensions,
+default the encoder's hidden size; `--lsa 0` leaves it out). Features are frozen, mean-pooled over
+the last layer's non-padded tokens (`--pooling` picks another of d2v-eval's poolings; `token_idf`
+takes its IDF weights from the run's training corpus), encoder in eval mode, no masking; the linear
+probe is d2v-eval's (standardised features, logistic regression with C chosen per row by
+cross-validation on that row's training labels; `--C 1` fixes it). Each seed draws its own
+pretraining run and random init; its few-label cell is the mean over `--subsets` class-balanced
+draws (subset j of seed s is drawn with seed s + 1000 j), since with 10 labels per class one draw
+moves the figure by several points. The table shows mean ± standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -26,29 +29,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from d2v_train.eval.baselines import logmel_features, tfidf_features
+from d2v_train.eval.baselines import logmel_features, lsa_features, tfidf_features
 
 FEW_LABELS = {"text": 10, "audio": 4}
-
-
-@torch.no_grad()
-def encoder_features(encoder: torch.nn.Module, dataset: Any, collate_fn: Callable, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the last hidden state over non-padded tokens, encoder in eval mode, no masking."""
-    encoder.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    feats, labels = [], []
-    for batch in loader:
-        out = encoder(batch["inputs"], padding_mask=batch.get("padding_mask"))
-        x = out.last_hidden_state
-        keep = torch.ones(x.shape[:2], dtype=x.dtype) if out.padding_mask is None else (~out.padding_mask).to(x.dtype)
-        feats.append(((x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).numpy())
-        labels.append(batch["labels"].numpy())
-    return np.concatenate(feats), np.concatenate(labels)
 
 
 def few_label_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
@@ -81,8 +69,8 @@ def pretrain(modality: str, seed: int, run_dir: Path, overrides: list[str]) -> f
     return time.perf_counter() - start
 
 
-def probe_data(run_dir: Path) -> Any:
-    """The run's data module (from its resolved config) and its probe sets."""
+def probe_data(run_dir: Path) -> tuple[Any, Any]:
+    """The run's data module (from its resolved config, set up) and its probe sets."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -91,7 +79,7 @@ def probe_data(run_dir: Path) -> Any:
     probes = dm.probe_sets()
     if probes is None:
         raise SystemExit(f"{type(dm).__name__} has no probe task")
-    return probes
+    return dm, probes
 
 
 def summarise(values: list[float]) -> str:
@@ -109,16 +97,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subsets", type=int, default=3, help="few-label draws averaged per seed (default 3)")
     parser.add_argument("--C", default="cv", help="the probe's inverse regularisation: cv (chosen per row by 5-fold "
                         "cross-validation on its training labels, as d2v-eval) or a number")  # fmt: skip
+    parser.add_argument("--pooling", default="mean", help="d2v-eval's pooling of the encoder rows (mean, cls, topk, token_idf)")
+    parser.add_argument("--lsa", type=int, default=None, help="text: dimensions of the LSA reference row "
+                        "(default: the encoder's hidden size; 0 leaves the row out)")  # fmt: skip
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.overrides = overrides
     if args.subsets < 1:
         parser.error(f"--subsets must be at least 1, got {args.subsets}")
+    if args.lsa is not None and (args.lsa < 0 or args.modality != "text"):
+        parser.error(f"--lsa takes a dimension count >= 0 and applies to text only, got {args.lsa} for {args.modality}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     few = args.few or FEW_LABELS[args.modality]
+    from d2v_train.eval.features import POOLINGS, extract_features, token_idf
     from d2v_train.eval.probe import linear_probe, parse_C
+
+    if args.pooling not in POOLINGS or args.pooling == "grid":
+        parser.error(f"--pooling must be one of {', '.join(p for p in POOLINGS if p != 'grid')}, got {args.pooling!r}")
 
     try:
         args.C = parse_C(args.C)
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         run_dir = args.runs / f"{args.modality}-{args.tag}-s{seed}"
         walls.append(pretrain(args.modality, seed, run_dir, args.overrides))
-        probes = probe_data(run_dir)
+        dm, probes = probe_data(run_dir)
         pretrained = load_pretrained(str(run_dir / "checkpoints" / "last.ckpt")).encoder
         torch.manual_seed(seed)
         random_init = build_encoder(pretrained.modality, pretrained.config)
@@ -150,9 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         y_train = np.asarray([int(probes.train[i]["labels"]) for i in range(len(probes.train))])
         y_val = np.asarray([int(probes.val[i]["labels"]) for i in range(len(probes.val))])
         feats = {baseline_name: base}
+        lsa_dims = pretrained.config.hidden_size if args.lsa is None and args.modality == "text" else args.lsa
+        if lsa_dims:
+            feats[f"LSA-{lsa_dims} of the training corpus"] = lsa_features(dm.train_set, probes.train, probes.val, lsa_dims, dm.special_token_ids.values())
+        weights = None
+        if args.pooling == "token_idf":
+            weights = token_idf(dm.train_set, pretrained.config.vocab_size, pretrained.config.pad_token_id)
         for name, enc in (("random init", random_init), ("pretrained", pretrained)):
-            xt, _ = encoder_features(enc, probes.train, probes.collate_fn)
-            xv, _ = encoder_features(enc, probes.val, probes.collate_fn)
+            xt, xv = (extract_features(enc, ds, args.pooling, collate_fn=probes.collate_fn, batch_size=32, token_weights=weights).features.numpy()
+                      for ds in (probes.train, probes.val))  # fmt: skip
             feats[name] = (xt, xv)
         for col, k in columns:
             subsets = few_label_draws(y_train, k, seed, args.subsets)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed}: " + ", ".join(f"{n} {v[columns[0][0]][-1]:.3f}/{v['all labels'][-1]:.3f}" for n, v in rows.items()), flush=True)
 
     print(f"\n{probes.name}: {probes.num_classes} classes, {len(probes.train)} train / {len(probes.val)} val examples; "
-          f"seeds {args.seeds}; {args.subsets} few-label draws per seed; probe C {args.C}; overrides: {' '.join(args.overrides) or '(none)'}")  # fmt: skip
+          f"seeds {args.seeds}; {args.subsets} few-label draws per seed; probe C {args.C}; pooling {args.pooling}; overrides: {' '.join(args.overrides) or '(none)'}")  # fmt: skip
     wall = [w for w in walls if w == w]
     if wall:
         print(f"pretraining wall time per run: {np.mean(wall):.0f} s (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")

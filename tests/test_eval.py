@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -177,6 +177,61 @@ def test_poolings_and_padding_aware_mean() -> None:
              "padding_mask": torch.tensor([[False] * 6 + [True] * 4, [False] * 10])}  # fmt: skip
     assert torch.allclose(embed(text, batch)[0], alone[0], atol=1e-5)  # padding does not count
 
+    # token_idf: the rows of the token table for the example's ids, weighted, padding left out
+    weights = torch.rand(50) + 0.5
+    table = text.embeddings.token.weight.detach()
+    expected = (table[ids[0]] * weights[ids[0], None]).sum(0) / weights[ids[0]].sum()
+    assert torch.allclose(embed(text, batch, "token_idf", token_weights=weights)[0], expected, atol=1e-5)
+    assert torch.allclose(embed(text, ids, "token_idf", token_weights=weights)[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"token_weights of shape \(50,\).*got none"):
+        embed(text, ids, "token_idf")
+    with pytest.raises(ValueError, match=r"token_weights of shape \(50,\).*got shape \(49,\)"):
+        embed(text, ids, "token_idf", token_weights=weights[:49])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\)"):
+        embed(text, torch.tensor([[3, 50]]), "token_idf", token_weights=weights)
+    with pytest.raises(ValueError, match="token table \\(text\\), not a vision encoder"):
+        embed(vision, pixels, "token_idf", token_weights=weights)
+
+
+def test_online_probe_with_token_idf_on_a_vision_run_turns_itself_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A monitor never stops a run: pooling=token_idf on images is a warning and no probe."""
+    import logging
+    from types import SimpleNamespace
+
+    from d2v_train.data import DigitsDataModule
+    from d2v_train.lightning.callbacks import OnlineProbe
+
+    caplog.set_level(logging.WARNING, logger="d2v_train")
+    vision = build_encoder("vision", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                          image_size=8, patch_size=2))  # fmt: skip
+    probe = OnlineProbe(pooling="token_idf")
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(batch_size=64, image_size=8), is_global_zero=True)
+    probe.setup(trainer, SimpleNamespace(student=vision), "fit")  # type: ignore[arg-type]
+    assert probe.probe is None
+    assert "online probe off: pooling=token_idf: it reads a token table (text), not a vision encoder" in caplog.text
+
+
+def test_token_idf_is_scikit_learns_smoothed_idf() -> None:
+    """The weights pooling=token_idf reads: IDF per document (a token repeated in one document counts
+    once), as TfidfVectorizer(smooth_idf=True) computes it; padding 0; unseen ids the largest weight."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from d2v_train.eval import token_idf
+
+    docs = [[5, 6, 6, 7], [5, 8], [5, 6, 9, 9, 9], [1, 5, 1]]
+    idf = token_idf([{"inputs": torch.tensor(d)} for d in docs], vocab_size=12, pad_token_id=1)
+    vec = TfidfVectorizer(token_pattern=r"\S+").fit([" ".join(map(str, d)) for d in docs])
+    for token, column in vec.vocabulary_.items():
+        if token != "1":
+            assert idf[int(token)].item() == pytest.approx(vec.idf_[column], rel=1e-6), token
+    assert idf[1].item() == 0.0
+    assert idf[11].item() == pytest.approx(float(torch.log(torch.tensor(5.0))) + 1.0, rel=1e-6)  # never seen
+    assert idf[5].item() == pytest.approx(1.0)  # in every document
+    with pytest.raises(ValueError, match=r"document 1 has token ids in \[0, 12\], outside the vocabulary \[0, 12\)"):
+        token_idf([{"inputs": torch.tensor([2])}, {"inputs": torch.tensor([0, 12])}], vocab_size=12)
+    with pytest.raises(ValueError, match="no documents"):
+        token_idf([], vocab_size=12)
+
 
 def test_load_encoder_reads_every_kind_of_source(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
     from d2v_train.interop import save_encoder, save_transformers
@@ -313,6 +368,9 @@ def test_d2v_eval_end_to_end(tiny_run: tuple[Path, str], tmp_path: Path, capsys:
     assert raw_all > 0.9  # raw digits are nearly linearly separable: the pipeline keeps labels aligned
     assert "±" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):  # token_idf reads a token table: a one-line error for a vision run
+        main([f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'idf'}", "pooling=token_idf"])
+    assert "pooling=token_idf reads a token table (text), not a vision encoder" in capsys.readouterr().err
 
 
 def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -434,6 +492,31 @@ def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {r["encoder"] for r in results} == {"TF-IDF", "random init", "pretrained"}
     assert all(float(r["accuracy"]) == 1.0 for r in results if r["encoder"] == "TF-IDF")  # one token per class
 
+    # the online probe with pooling=token_idf: IDF weights from the run's training text
+    import d2v_train.eval.features as features_module
+
+    corpora: list[int] = []
+    real_token_idf = features_module.token_idf
+
+    def counting_token_idf(data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        corpora.append(len(data))
+        return real_token_idf(data, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "token_idf", counting_token_idf)
+    pretrain.train(compose_cfg(tmp_path / "run_idf", "modality=text", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
+                               "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34",
+                               "trainer.max_steps=2", "report=false", "callbacks.probe.pooling=token_idf"))  # fmt: skip
+    assert len(corpora) == 1 and corpora[0] > 1000, corpora  # once, over the run's training blocks, not the 60 probe texts
+    assert float([r for r in rows(tmp_path / "run_idf") if r.get("probe/final_linear_acc")][-1]["probe/final_linear_acc"]) == 1.0
+
+    # pooling=token_idf: the token table's rows, weighted by IDF over the run's training text
+    main([f"checkpoint={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'eval_idf'}", "labels_per_class=[all]", "seeds=1",
+          "finetune.enabled=false", "pooling=token_idf"])  # fmt: skip
+    assert "IDF weights from" in (tmp_path / "eval_idf" / "eval.log").read_text()
+    assert "the data's training text" in (tmp_path / "eval_idf" / "eval.log").read_text()
+    results = list(csv.DictReader((tmp_path / "eval_idf" / "results.csv").open()))
+    assert all(float(r["accuracy"]) == 1.0 for r in results if r["method"] == "linear")  # each class is one token's row
+
 
 def test_raw_baselines_fit_each_kind_of_input() -> None:
     """Pixels flattened, TF-IDF over token ids, log-mel of waveforms: each separates a task its
@@ -533,3 +616,33 @@ def test_d2v_eval_picks_the_probe_data_of_the_checkpoint(tmp_path: Path) -> None
     assert _data_config(cfg, source(tmp_path / "export", "vision")) == "data=digits"
     cfg = OmegaConf.create({"data": {"_target_": "x.Y"}})
     assert _data_config(cfg, source(run, "text")) == "data= as given" and cfg.data._target_ == "x.Y"
+
+
+def test_lsa_reference_learns_word_groups_from_the_unlabelled_corpus() -> None:
+    """Each class's probe training texts and validation texts use disjoint halves of its words, so
+    TF-IDF fitted on the training texts alone is at chance on validation; LSA fitted on an unlabelled
+    corpus where the halves co-occur maps both halves to the same direction and separates the classes."""
+    from d2v_train.eval.baselines import lsa_features, tfidf_features
+
+    g = torch.Generator().manual_seed(0)
+    bos, eos, sep = 0, 2, 3
+
+    def words(c: int, half: Optional[int]) -> torch.Tensor:  # class c owns ids 10 + 10c .. 19 + 10c
+        lo = 10 + 10 * c + (5 * half if half is not None else 0)
+        return torch.randint(lo, lo + (5 if half is not None else 10), (8,), generator=g)
+
+    def texts(n: int, half: int) -> list[dict[str, Any]]:
+        return [{"inputs": torch.cat([torch.tensor([bos]), words(i % 3, half), torch.tensor([eos])]), "labels": i % 3} for i in range(n)]
+
+    corpus = [{"inputs": torch.cat([torch.tensor([sep]), words(i % 3, None), torch.tensor([sep])])} for i in range(90)]
+    train, val = texts(30, 0), texts(30, 1)
+    y_train, y_val = torch.tensor([t["labels"] for t in train]), torch.tensor([t["labels"] for t in val])
+    xt, xv = tfidf_features(train, val)
+    assert linear_probe(xt, y_train, xv, y_val, C=1.0) < 0.6
+    lt, lv = lsa_features(corpus, train, val, 3, skip_ids=[sep])
+    assert lt.shape == (30, 3) and lv.shape == (30, 3)
+    assert linear_probe(lt, y_train, lv, y_val, C=1.0) == 1.0
+    with pytest.raises(ValueError, match=r"dims must lie in \[1, \d+\) .* got 100000"):
+        lsa_features(corpus, train, val, 100000)
+    with pytest.raises(ValueError, match="LSA: the corpus gives no vocabulary to fit"):
+        lsa_features([], train, val, 3)

@@ -26,3 +26,18 @@ def test_bad_subsets_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> Non
         load_script("eval_presets").main(["text", "--subsets", "0"])
     assert exit_info.value.code == 2
     assert "--subsets must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["audio", "--lsa", "64"], "--lsa takes a dimension count >= 0 and applies to text only, got 64 for audio"),
+        (["text", "--lsa", "-1"], "--lsa takes a dimension count >= 0 and applies to text only, got -1 for text"),
+        (["text", "--pooling", "grid"], "--pooling must be one of mean, cls, topk, token_idf, got 'grid'"),
+    ],
+)
+def test_bad_lsa_and_pooling_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("eval_presets").main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -2,7 +2,7 @@
 ``d2v-eval`` (a probe / fine-tune table for a checkpoint vs its architecture at random init) and
 ``d2v-report`` (plots and a summary of a run). See docs/evaluation.md."""
 
-from .features import POOLINGS, Features, embed, extract_features, load_encoder
+from .features import POOLINGS, Features, embed, extract_features, load_encoder, token_idf
 from .probe import few_label_indices, knn_accuracy, linear_probe, spread, torch_linear_probe
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "linear_probe",
     "load_encoder",
     "spread",
+    "token_idf",
     "torch_linear_probe",
 ]

@@ -139,6 +139,26 @@ def _datamodule(cfg: DictConfig, encoder: Any, tokenizer: Optional[Path]) -> Any
     return dm
 
 
+def _token_weights(cfg: DictConfig, dm: Any, probe: Any, encoder: Any) -> Optional[torch.Tensor]:
+    """pooling=token_idf: IDF of every token id over the data module's unlabelled training text (the
+    pretraining corpus for the embedded docstrings), or over the probe's training texts when the
+    module has none; None for every other pooling."""
+    if cfg.pooling != "token_idf":
+        return None
+    from .features import token_idf
+
+    if encoder.modality != "text":
+        raise ConfigError(f"pooling=token_idf reads a token table (text), not a {encoder.modality} encoder")
+    corpus = getattr(dm, "train_set", None)
+    corpus = corpus if corpus is not None and len(corpus) > 0 else probe.train
+    try:
+        weights = token_idf(corpus, int(encoder.config.vocab_size), getattr(encoder.config, "pad_token_id", None))
+    except ValueError as e:
+        raise UserError(f"pooling=token_idf: {e}") from None
+    log.info("pooling=token_idf: IDF weights from %d documents of %s", len(corpus), "the data's training text" if corpus is not probe.train else "the probe's training texts")
+    return weights
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Every measurement of the table (see the module docstring); writes the output files."""
     from d2v_train.models import build_encoder
@@ -169,7 +189,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     encoders = {"pretrained": encoder, "random init": random_init}
 
     feats: dict[str, tuple[Any, Any]] = {}
-    kw = dict(collate_fn=probe.collate_fn, batch_size=int(cfg.batch_size), top_k=int(cfg.top_k), grid=int(cfg.grid))
+    kw = dict(collate_fn=probe.collate_fn, batch_size=int(cfg.batch_size), top_k=int(cfg.top_k), grid=int(cfg.grid),
+              token_weights=_token_weights(cfg, dm, probe, encoder))  # fmt: skip
     for name, enc in encoders.items():
         enc.to(device)
         feats[name] = (extract_features(enc, probe.train, str(cfg.pooling), **kw),

@@ -10,13 +10,17 @@ features are only worth their cost if they beat it.
 of ``Features`` with its name; the linear probe and kNN then treat it like any encoder's features.
 ``baseline_probe`` is its all-labels linear probe, cached: it does not depend on any run, so only a
 task's first run pays for it (14 s on digits' 3,072 pixel values, 9 s for TF-IDF on the docstrings).
+
+``lsa_features`` is a reference of another kind for text: TF-IDF of the unlabelled pretraining
+corpus compressed by a truncated SVD to an encoder's width, i.e. what a classic unsupervised method
+learns from the same text in as many numbers per example.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Collection, Optional, Union
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .features import Features
 
-__all__ = ["baseline_probe", "logmel_features", "raw_baseline", "tfidf_features"]
+__all__ = ["baseline_probe", "logmel_features", "lsa_features", "raw_baseline", "tfidf_features"]
 
 PIXELS, TFIDF, LOGMEL = "raw inputs", "TF-IDF", "log-mel"  # the rows' names in d2v-eval's table
 
@@ -36,17 +40,48 @@ def _labels(ds: Dataset) -> Optional[torch.Tensor]:
     return torch.as_tensor([int(ds[i]["labels"]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
+def _token_docs(ds: Dataset, drop_ends: bool = True, skip_ids: Collection[int] = ()) -> list[str]:
+    """Each example's token ids as one space-separated string (the vectorisers' input), without its
+    first and last (the BOS / EOS every probe example carries) and without ``skip_ids``."""
+    docs = []
+    for i in range(len(ds)):  # type: ignore[arg-type]
+        ids = torch.as_tensor(ds[i]["inputs"]).tolist()
+        docs.append(" ".join(str(t) for t in (ids[1:-1] if drop_ends else ids) if t not in skip_ids))
+    return docs
+
+
+def _tfidf_vectoriser() -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+
+
 def tfidf_features(train: Dataset, val: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """TF-IDF over each example's token ids without its first and last (the BOS / EOS every
     sequence carries), unigrams and bigrams, fitted on the training examples alone."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    vec = _tfidf_vectoriser()
+    x_train = vec.fit_transform(_token_docs(train))
+    return x_train.toarray().astype(np.float32), vec.transform(_token_docs(val)).toarray().astype(np.float32)
 
-    def docs(ds: Dataset) -> list[str]:
-        return [" ".join(map(str, torch.as_tensor(ds[i]["inputs"]).tolist()[1:-1])) for i in range(len(ds))]  # type: ignore[arg-type]
 
-    vec = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    x_train = vec.fit_transform(docs(train))
-    return x_train.toarray().astype(np.float32), vec.transform(docs(val)).toarray().astype(np.float32)
+def lsa_features(corpus: Dataset, train: Dataset, val: Dataset, dims: int, skip_ids: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Latent semantic analysis: TF-IDF (as ``tfidf_features``) fitted on an unlabelled ``corpus`` of
+    token-id sequences (``skip_ids`` left out, e.g. padding and separators), compressed to ``dims``
+    by a truncated SVD fitted on that corpus alone, applied to ``train`` and ``val``.
+
+    An unsupervised reference for a text encoder's pooled features: as many numbers per example, and
+    learnt from the same unlabelled text the encoder pretrains on, with no labels involved."""
+    from sklearn.decomposition import TruncatedSVD
+
+    vec = _tfidf_vectoriser()
+    try:
+        counts = vec.fit_transform(_token_docs(corpus, drop_ends=False, skip_ids=set(skip_ids)))
+    except ValueError as e:  # an empty corpus, or no n-gram in two documents
+        raise ValueError(f"LSA: the corpus gives no vocabulary to fit ({len(corpus)} sequences): {e}") from None  # type: ignore[arg-type]
+    if not 0 < dims < counts.shape[1]:
+        raise ValueError(f"LSA: dims must lie in [1, {counts.shape[1]}) for this corpus's {counts.shape[1]} n-grams, got {dims}")
+    svd = TruncatedSVD(dims, random_state=0).fit(counts)
+    return tuple(svd.transform(vec.transform(_token_docs(ds))).astype(np.float32) for ds in (train, val))  # type: ignore[return-value]
 
 
 def logmel_features(train: Dataset, val: Dataset, sample_rate: int = 16000, frames: int = 24, mels: int = 40) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,12 @@ Poolings (``POOLINGS``):
   ViT's) raw residual stream is read, whose few large channels swamp the rest: on digits a
   pretrained tiny ViT probed 6-19 points lower that way, a random one 24-42;
 - ``grid``: vision only: patch tokens average-pooled to a ``grid`` x ``grid`` layout and concatenated
-  (``grid**2 * hidden_size`` values), which keeps where things are in the image.
+  (``grid**2 * hidden_size`` values), which keeps where things are in the image;
+- ``token_idf``: text only: the rows of the encoder's token table for the example's tokens (before
+  positions and blocks), averaged with weights ``token_weights[id]``, usually ``token_idf(corpus)``:
+  a weighted bag of learnt token vectors, as TF-IDF weighs its counts. On a small text encoder
+  pretrained on little text this is where what data2vec learnt about topics sits
+  (docs/presets.md measures it); it says nothing about what the blocks learnt.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from torch.utils.data import DataLoader, Dataset
 from d2v_train.interop.native import load_encoder
 from d2v_train.models.transformer import mean_pool
 
-__all__ = ["POOLINGS", "Features", "embed", "extract_features", "load_encoder", "pool"]
+__all__ = ["POOLINGS", "Features", "embed", "extract_features", "load_encoder", "pool", "token_idf"]
 
-POOLINGS = ("mean", "cls", "topk", "grid")
+POOLINGS = ("mean", "cls", "topk", "grid", "token_idf")
 
 
 @dataclass
@@ -52,10 +57,38 @@ class Features:
         return int(self.features.shape[0])
 
 
-def _check_pooling(encoder: nn.Module, pooling: str) -> None:
+def token_idf(data: Union[Dataset, Iterable[Mapping[str, Any]]], vocab_size: int, pad_token_id: Optional[int] = None) -> Tensor:
+    """Smoothed inverse document frequency of every token id, ``ln((1 + N) / (1 + df)) + 1`` (scikit-
+    learn's TF-IDF weighting), over the N items of ``data`` (each a dict whose ``inputs`` are token
+    ids: one document); ids never seen get the largest weight, ``pad_token_id`` gets 0. The weights
+    ``pooling="token_idf"`` reads; computed from unlabelled text, e.g. the pretraining corpus."""
+    seen = torch.zeros(vocab_size, dtype=torch.long)
+    docs = 0
+    for item in data:
+        ids = torch.as_tensor(item["inputs"]).long().flatten()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"token_idf: document {docs} has token ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size})")
+        seen[ids.unique()] += 1
+        docs += 1
+    if docs == 0:
+        raise ValueError("token_idf: the corpus has no documents")
+    idf = torch.log((1.0 + docs) / (1.0 + seen.double())).float() + 1.0
+    if pad_token_id is not None:
+        idf[pad_token_id] = 0.0
+    return idf
+
+
+def _check_pooling(encoder: nn.Module, pooling: str, token_weights: Optional[Tensor] = None) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     modality = getattr(encoder, "modality", "?")
+    if pooling == "token_idf":
+        if modality != "text":
+            raise ValueError(f"pooling='token_idf' reads a token table (text), not a {modality} encoder")
+        vocab = int(encoder.config.vocab_size)
+        if token_weights is None or tuple(token_weights.shape) != (vocab,):
+            got = "none" if token_weights is None else f"shape {tuple(token_weights.shape)}"
+            raise ValueError(f"pooling='token_idf' needs token_weights of shape ({vocab},), one per token id (e.g. token_idf(corpus)); got {got}")
     if pooling == "grid" and modality != "vision":
         raise ValueError(f"pooling='grid' needs a patch grid (vision), not a {modality} encoder")
     if pooling == "cls" and modality == "audio":
@@ -70,10 +103,23 @@ def pool(
     *,
     top_k: int = 3,
     grid: int = 2,
+    token_weights: Optional[Tensor] = None,
     **forward_kwargs: Any,
 ) -> Tensor:
-    """One forward pass of ``encoder`` (as it is: mode and grad are the caller's) -> ``(batch, dim)``."""
-    _check_pooling(encoder, pooling)
+    """One forward pass of ``encoder`` (as it is: mode and grad are the caller's) -> ``(batch, dim)``;
+    ``token_idf`` reads the token table only."""
+    _check_pooling(encoder, pooling, token_weights)
+    if pooling == "token_idf":  # the token table alone: no forward pass through the blocks
+        assert token_weights is not None
+        if inputs.ndim != 2 or inputs.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"pooling='token_idf' expects token ids of shape (batch, length), got {inputs.dtype} {tuple(inputs.shape)}")
+        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= token_weights.shape[0]):
+            raise ValueError(f"token ids must lie in [0, {token_weights.shape[0]}), got [{int(inputs.min())}, {int(inputs.max())}]")
+        weights = token_weights.to(inputs.device, torch.float32)[inputs]
+        if padding_mask is not None:
+            weights = weights.masked_fill(padding_mask, 0.0)
+        vectors = encoder.embeddings.token(inputs)
+        return (vectors * weights.unsqueeze(-1).to(vectors.dtype)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6).to(vectors.dtype)
     out = encoder(inputs, padding_mask=padding_mask, output_hidden_states=pooling == "topk", **forward_kwargs)
     prefix = int(getattr(encoder, "num_prefix_tokens", 0))
     if pooling == "cls":
@@ -134,6 +180,7 @@ def embed(
     *,
     top_k: int = 3,
     grid: int = 2,
+    token_weights: Optional[Tensor] = None,
 ) -> Tensor:
     """Pooled features ``(batch, dim)`` of one batch: a collated dict (``inputs``, optional
     ``padding_mask`` / ``token_type_ids``) or a raw input tensor (pixels ``(B, 3, H, W)``, waveforms
@@ -143,7 +190,7 @@ def embed(
     extra = {k: v.to(device) for k, v in extra.items()}
     with _Eval(encoder):
         out = pool(encoder, inputs.to(device), pad.to(device) if pad is not None else None, pooling,
-                   top_k=top_k, grid=grid, **extra)  # fmt: skip
+                   top_k=top_k, grid=grid, token_weights=token_weights, **extra)  # fmt: skip
     return out.float().cpu()
 
 
@@ -156,17 +203,18 @@ def extract_features(
     batch_size: int = 128,
     top_k: int = 3,
     grid: int = 2,
+    token_weights: Optional[Tensor] = None,
 ) -> Features:
     """Pooled features of every example in ``data`` (a DataLoader or other iterable of collated
     batches, or a map-style Dataset of items, batched here with ``collate_fn``), in order."""
-    _check_pooling(encoder, pooling)
+    _check_pooling(encoder, pooling, token_weights)
     if isinstance(data, Dataset) and not isinstance(data, DataLoader) and hasattr(data, "__len__"):
         data = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                           generator=torch.Generator().manual_seed(0))  # fmt: skip
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     for batch in data:
-        feats.append(embed(encoder, batch, pooling, top_k=top_k, grid=grid))
+        feats.append(embed(encoder, batch, pooling, top_k=top_k, grid=grid, token_weights=token_weights))
         lab = _batch_parts(batch)[3]
         if lab is not None:
             labels.append(lab.reshape(-1).cpu())

@@ -188,6 +188,7 @@ class OnlineProbe(L.Callback):
         self.baseline_name = ""  # raw inputs | TF-IDF | log-mel, once measured
         self.margin = float(margin)
         self.probe: Any = None
+        self.token_weights: Optional[torch.Tensor] = None  # pooling=token_idf: per token id, from the training text
         self.final: dict[str, float] = {}  # last results, for the run's summary
         self.line = ""  # the end-of-run comparison line (and warning)
         self.seconds = 0.0  # time spent probing
@@ -229,12 +230,23 @@ class OnlineProbe(L.Callback):
             self.probe = dm.probe_sets()
         except Exception as e:  # a monitor must never stop a run
             log.warning("online probe off: the data module's probe_sets() failed: %s: %s", type(e).__name__, e)
+        if self.probe is not None and self.pooling == "token_idf":
+            from d2v_train.eval.features import token_idf
+
+            config = pl_module.student.config
+            try:  # the IDF of every token id over the run's training text
+                if pl_module.student.modality != "text":
+                    raise ValueError(f"it reads a token table (text), not a {pl_module.student.modality} encoder")
+                self.token_weights = token_idf(dm.train_set, int(config.vocab_size), getattr(config, "pad_token_id", None))
+            except Exception as e:
+                log.warning("online probe off: pooling=token_idf: %s", e)
+                self.probe = None
 
     def _features(self, encoder: torch.nn.Module) -> tuple[Any, Any]:
         """``encoder``'s pooled features of the probe's training and validation sets."""
         from d2v_train.eval.features import extract_features
 
-        kw = dict(collate_fn=self.probe.collate_fn, batch_size=self.batch_size)
+        kw = dict(collate_fn=self.probe.collate_fn, batch_size=self.batch_size, token_weights=self.token_weights)
         train = extract_features(encoder, self.probe.train, self.pooling, **kw)
         val = extract_features(encoder, self.probe.val, self.pooling, **kw)
         assert train.labels is not None and val.labels is not None, "probe sets must carry labels"
