@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     few = args.few or FEW_LABELS[args.modality]
-    from d2v_train.eval.features import POOLINGS, extract_features, token_idf
+    from d2v_train.eval.features import POOLINGS, encoder_token_idf, extract_features
     from d2v_train.eval.probe import linear_probe, parse_C
 
     if args.pooling not in POOLINGS or args.pooling == "grid":
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             feats[f"LSA-{lsa_dims} of the training corpus"] = lsa_features(dm.train_set, probes.train, probes.val, lsa_dims, dm.special_token_ids.values())
         weights = None
         if args.pooling == "token_idf":
-            weights = token_idf(dm.train_set, pretrained.config.vocab_size, pretrained.config.pad_token_id)
+            weights = encoder_token_idf(pretrained, dm.train_set)
         for name, enc in (("random init", random_init), ("pretrained", pretrained)):
             xt, xv = (extract_features(enc, ds, args.pooling, collate_fn=probes.collate_fn, batch_size=32, token_weights=weights).features.numpy()
                       for ds in (probes.train, probes.val))  # fmt: skip

@@ -208,7 +208,7 @@ def test_online_probe_with_token_idf_on_a_vision_run_turns_itself_off(caplog: py
     trainer = SimpleNamespace(datamodule=DigitsDataModule(batch_size=64, image_size=8), is_global_zero=True)
     probe.setup(trainer, SimpleNamespace(student=vision), "fit")  # type: ignore[arg-type]
     assert probe.probe is None
-    assert "online probe off: pooling=token_idf: it reads a token table (text), not a vision encoder" in caplog.text
+    assert "online probe off: pooling='token_idf' reads a token table (text), not a vision encoder" in caplog.text
 
 
 def test_token_idf_is_scikit_learns_smoothed_idf() -> None:
@@ -370,7 +370,7 @@ def test_d2v_eval_end_to_end(tiny_run: tuple[Path, str], tmp_path: Path, capsys:
     assert (out / "results.png").stat().st_size > 1000
     with pytest.raises(SystemExit):  # token_idf reads a token table: a one-line error for a vision run
         main([f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'idf'}", "pooling=token_idf"])
-    assert "pooling=token_idf reads a token table (text), not a vision encoder" in capsys.readouterr().err
+    assert "pooling='token_idf' reads a token table (text), not a vision encoder" in capsys.readouterr().err
 
 
 def test_d2v_eval_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

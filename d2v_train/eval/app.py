@@ -145,16 +145,14 @@ def _token_weights(cfg: DictConfig, dm: Any, probe: Any, encoder: Any) -> Option
     module has none; None for every other pooling."""
     if cfg.pooling != "token_idf":
         return None
-    from .features import token_idf
+    from .features import encoder_token_idf
 
-    if encoder.modality != "text":
-        raise ConfigError(f"pooling=token_idf reads a token table (text), not a {encoder.modality} encoder")
     corpus = getattr(dm, "train_set", None)
     corpus = corpus if corpus is not None and len(corpus) > 0 else probe.train
     try:
-        weights = token_idf(corpus, int(encoder.config.vocab_size), getattr(encoder.config, "pad_token_id", None))
+        weights = encoder_token_idf(encoder, corpus)
     except ValueError as e:
-        raise UserError(f"pooling=token_idf: {e}") from None
+        raise UserError(str(e)) from None
     log.info("pooling=token_idf: IDF weights from %d documents of %s", len(corpus), "the data's training text" if corpus is not probe.train else "the probe's training texts")
     return weights
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from d2v_train.interop.native import load_encoder
 from d2v_train.models.transformer import mean_pool
 
-__all__ = ["POOLINGS", "Features", "embed", "extract_features", "load_encoder", "pool", "token_idf"]
+__all__ = ["POOLINGS", "Features", "embed", "encoder_token_idf", "extract_features", "load_encoder", "pool", "token_idf"]
 
 POOLINGS = ("mean", "cls", "topk", "grid", "token_idf")
 
@@ -76,6 +76,16 @@ def token_idf(data: Union[Dataset, Iterable[Mapping[str, Any]]], vocab_size: int
     if pad_token_id is not None:
         idf[pad_token_id] = 0.0
     return idf
+
+
+def encoder_token_idf(encoder: nn.Module, corpus: Union[Dataset, Iterable[Mapping[str, Any]]]) -> Tensor:
+    """``token_idf`` over ``corpus`` for a text encoder's vocabulary, its padding id weighing 0: the
+    ``token_weights`` of ``pooling="token_idf"`` for that encoder."""
+    modality = getattr(encoder, "modality", "?")
+    if modality != "text":
+        raise ValueError(f"pooling='token_idf' reads a token table (text), not a {modality} encoder")
+    config = encoder.config  # type: ignore[union-attr]
+    return token_idf(corpus, int(config.vocab_size), getattr(config, "pad_token_id", None))
 
 
 def _check_pooling(encoder: nn.Module, pooling: str, token_weights: Optional[Tensor] = None) -> None:

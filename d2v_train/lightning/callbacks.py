@@ -231,15 +231,12 @@ class OnlineProbe(L.Callback):
         except Exception as e:  # a monitor must never stop a run
             log.warning("online probe off: the data module's probe_sets() failed: %s: %s", type(e).__name__, e)
         if self.probe is not None and self.pooling == "token_idf":
-            from d2v_train.eval.features import token_idf
+            from d2v_train.eval.features import encoder_token_idf
 
-            config = pl_module.student.config
             try:  # the IDF of every token id over the run's training text
-                if pl_module.student.modality != "text":
-                    raise ValueError(f"it reads a token table (text), not a {pl_module.student.modality} encoder")
-                self.token_weights = token_idf(dm.train_set, int(config.vocab_size), getattr(config, "pad_token_id", None))
+                self.token_weights = encoder_token_idf(pl_module.student, dm.train_set)
             except Exception as e:
-                log.warning("online probe off: pooling=token_idf: %s", e)
+                log.warning("online probe off: %s", e)
                 self.probe = None
 
     def _features(self, encoder: torch.nn.Module) -> tuple[Any, Any]:
