@@ -78,12 +78,16 @@ def token_idf(data: Union[Dataset, Iterable[Mapping[str, Any]]], vocab_size: int
     return idf
 
 
-def encoder_token_idf(encoder: nn.Module, corpus: Union[Dataset, Iterable[Mapping[str, Any]]]) -> Tensor:
-    """``token_idf`` over ``corpus`` for a text encoder's vocabulary, its padding id weighing 0: the
-    ``token_weights`` of ``pooling="token_idf"`` for that encoder."""
+def _require_token_table(encoder: nn.Module) -> None:
     modality = getattr(encoder, "modality", "?")
     if modality != "text":
         raise ValueError(f"pooling='token_idf' reads a token table (text), not a {modality} encoder")
+
+
+def encoder_token_idf(encoder: nn.Module, corpus: Union[Dataset, Iterable[Mapping[str, Any]]]) -> Tensor:
+    """``token_idf`` over ``corpus`` for a text encoder's vocabulary, its padding id weighing 0: the
+    ``token_weights`` of ``pooling="token_idf"`` for that encoder."""
+    _require_token_table(encoder)
     config = encoder.config  # type: ignore[union-attr]
     return token_idf(corpus, int(config.vocab_size), getattr(config, "pad_token_id", None))
 
@@ -93,8 +97,7 @@ def _check_pooling(encoder: nn.Module, pooling: str, token_weights: Optional[Ten
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     modality = getattr(encoder, "modality", "?")
     if pooling == "token_idf":
-        if modality != "text":
-            raise ValueError(f"pooling='token_idf' reads a token table (text), not a {modality} encoder")
+        _require_token_table(encoder)
         vocab = int(encoder.config.vocab_size)
         if token_weights is None or tuple(token_weights.shape) != (vocab,):
             got = "none" if token_weights is None else f"shape {tuple(token_weights.shape)}"
