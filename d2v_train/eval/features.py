@@ -124,10 +124,7 @@ def pool(
     _check_pooling(encoder, pooling, token_weights)
     if pooling == "token_idf":  # the token table alone: no forward pass through the blocks
         assert token_weights is not None
-        if inputs.ndim != 2 or inputs.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"pooling='token_idf' expects token ids of shape (batch, length), got {inputs.dtype} {tuple(inputs.shape)}")
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= token_weights.shape[0]):
-            raise ValueError(f"token ids must lie in [0, {token_weights.shape[0]}), got [{int(inputs.min())}, {int(inputs.max())}]")
+        encoder.check_token_ids(inputs)  # the encoder's own checks: token_weights has one weight per id
         weights = token_weights.to(inputs.device, torch.float32)[inputs]
         if padding_mask is not None:
             weights = weights.masked_fill(padding_mask, 0.0)

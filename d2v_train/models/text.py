@@ -112,6 +112,11 @@ class TextEncoder(EncoderBase):
     def embed(
         self, inputs: Tensor, padding_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
     ) -> tuple[Tensor, Optional[Tensor]]:
+        self.check_token_ids(inputs)
+        return self.embeddings(inputs, token_type_ids), padding_mask
+
+    def check_token_ids(self, inputs: Tensor) -> None:
+        """A clear error for ids this encoder cannot read (shape, dtype, length, vocabulary range)."""
         if inputs.ndim != 2 or inputs.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"text encoder expects integer token ids of shape (batch, length), got {inputs.dtype} "
@@ -126,7 +131,6 @@ class TextEncoder(EncoderBase):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got [{int(inputs.min())}, {int(inputs.max())}]"
             )
-        return self.embeddings(inputs, token_type_ids), padding_mask
 
     def contextualize(
         self,
