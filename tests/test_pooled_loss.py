@@ -75,9 +75,9 @@ def test_text_pooled_term_leaves_out_special_tokens(monkeypatch: pytest.MonkeyPa
         seen["hidden_padding"] = hidden_padding
         return add(out, weight, head, hidden, hidden_padding, target)
 
-    def spy_targets(targets, padding_mask=None):  # type: ignore[no-untyped-def]
+    def spy_targets(targets, padding_mask=None, weights=None):  # type: ignore[no-untyped-def]
         seen["target_padding"] = padding_mask
-        return targets_of(targets, padding_mask)
+        return targets_of(targets, padding_mask, weights)
 
     monkeypatch.setattr(pretrain, "add_pooled_loss", spy_add)
     monkeypatch.setattr(pretrain, "pooled_targets", spy_targets)
@@ -85,6 +85,63 @@ def test_text_pooled_term_leaves_out_special_tokens(monkeypatch: pytest.MonkeyPa
     ids = batch["inputs"]
     expected = batch["padding_mask"] | torch.isin(ids, torch.tensor([0, 1, 2, 4]))
     assert torch.equal(seen["hidden_padding"], expected) and torch.equal(seen["target_padding"], expected)
+
+
+def test_weighted_target_means_weigh_tokens_and_leave_padding_out() -> None:
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(4, 6, 3, generator=g)
+    weights = torch.rand(4, 6, generator=g) + 0.1
+    pad = torch.zeros(4, 6, dtype=torch.bool)
+    pad[2, 3:] = True
+    changed = targets.clone()
+    changed[pad] = 50.0
+    means = torch.stack([(targets[b] * weights[b, :, None])[~pad[b]].sum(0) / weights[b][~pad[b]].sum() for b in range(4)])
+    expected = (means - means.mean(0)) / means.var(0, unbiased=False).add(1e-5).sqrt()
+    torch.testing.assert_close(pooled_targets(changed, pad, weights), expected)
+    # equal weights are the plain mean; weights that differ are not
+    torch.testing.assert_close(pooled_targets(changed, pad, torch.full((4, 6), 3.0)), pooled_targets(changed, pad))
+    assert not torch.allclose(pooled_targets(changed, pad, weights), pooled_targets(changed, pad))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_idf_weights_come_from_the_training_text_and_reach_the_target(version: int) -> None:
+    """objective.pooled_weights=idf: setup() computes each token id's IDF over the data module's
+    training set (special tokens 0), and the pooled target is the IDF-weighted mean."""
+    from types import SimpleNamespace
+
+    batch = fixed_batch("text")
+    inputs, pad = batch["inputs"], batch["padding_mask"]
+    make = (lambda **kw: v2_module("text", layer_norm="layer", **kw)) if version == 2 else (lambda **kw: module_for("text", **kw))
+    model = make(pooled_loss=1.0, pooled_weights="idf")
+    with pytest.raises(RuntimeError, match="setup"):
+        model.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="train_set"):
+        model.setup("fit")
+    corpus = [{"inputs": row[~row_pad]} for row, row_pad in zip(inputs, pad)]
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(train_set=corpus))  # type: ignore[assignment]
+    model.setup("fit")
+    idf = model.pooled_token_idf
+    assert idf is not None and idf.shape == (model.student.config.vocab_size,)
+    assert float(idf[torch.tensor([0, 1, 2, 4])].abs().max()) == 0.0  # <s> <pad> </s> <mask>
+    word = int(inputs[0, 1])
+    docs_with = sum(bool((d["inputs"] == word).any()) for d in corpus)
+    assert float(idf[word]) == pytest.approx(torch.log(torch.tensor((1.0 + len(corpus)) / (1.0 + docs_with))).item() + 1.0)
+
+    uniform = make(pooled_loss=1.0)
+    uniform.load_state_dict(model.state_dict())
+    a = model.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    b = uniform.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    assert float(a["pooled_loss"]) != pytest.approx(float(b["pooled_loss"]))
+    model.pooled_token_idf = torch.ones_like(idf)  # equal weights: the uniform mean
+    c = model.compute_objective(inputs, pad, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(c["pooled_loss"], b["pooled_loss"])
+
+
+def test_idf_weights_are_for_text_only() -> None:
+    with pytest.raises(ValueError, match="pooled_weights"):
+        ObjectiveConfig.from_dict({"pooled_weights": "tfidf"})
+    with pytest.raises(ValueError, match="pooled_weights=idf weighs token ids"):
+        module_for("vision", pooled_loss=1.0, pooled_weights="idf")
 
 
 @pytest.mark.parametrize("modality", ["text", "vision"])
@@ -120,9 +177,10 @@ def test_pooled_loss_weight_and_target_norm_are_checked() -> None:
 
 
 def test_text_preset_uses_it_and_no_published_recipe_does(tmp_path: Path) -> None:
-    assert OmegaConf.select(compose_cfg(["modality=text"], tmp_path), "objective.pooled_loss") == 3.0
+    v1 = compose_cfg(["modality=text"], tmp_path)
+    assert v1.objective.pooled_loss == 3.0 and v1.objective.pooled_weights == "idf"
     v2 = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path)
-    assert v2.objective.pooled_loss == 3.0 and v2.objective.layer_norm == "layer"
+    assert v2.objective.pooled_loss == 3.0 and v2.objective.layer_norm == "layer" and v2.objective.pooled_weights == "idf"
     ObjectiveConfig.from_dict(OmegaConf.to_container(v2.objective, resolve=True))  # a valid combination
     for modality in ("vision", "audio"):
         for objective in (f"d2v1_{modality}", f"d2v2_{modality}"):
@@ -131,6 +189,7 @@ def test_text_preset_uses_it_and_no_published_recipe_does(tmp_path: Path) -> Non
     for recipe in options("experiment"):
         cfg = compose_cfg([f"experiment={recipe}"], tmp_path)
         assert OmegaConf.select(cfg, "objective.pooled_loss") == 0.0, recipe
+        assert OmegaConf.select(cfg, "objective.pooled_weights") == "uniform", recipe
 
 
 def test_resuming_a_checkpoint_of_another_model_layout_says_what_differs() -> None:

@@ -127,6 +127,9 @@ class Data2VecPretraining(L.LightningModule):
             self.head = RegressionHead(dim, self.objective.head, self.objective.head_hidden_mult)
         # objective.pooled_loss: a linear head from the student's mean-pooled output (objective/pooled.py)
         self.pooled_head = nn.Linear(dim, dim) if self.objective.pooled_loss > 0 else None
+        if self.objective.pooled_weights == "idf" and self.modality != "text":
+            raise ValueError(f"objective.pooled_weights=idf weighs token ids (text), not {self.modality} inputs")
+        self.pooled_token_idf: Optional[Tensor] = None  # objective.pooled_weights=idf: set by setup() from the training text
         ema = self.objective.ema
         self.teacher = EMATeacher(encoder, copy_prefixes=ema.copy, share_prefixes=ema.share)
         self.num_prefix = int(getattr(encoder, "num_prefix_tokens", 0))
@@ -188,7 +191,8 @@ class Data2VecPretraining(L.LightningModule):
             pad = inputs == int(self.pad_id)
         if obj.version == 2:
             return d2v2_objective(
-                self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator, self.pooled_head
+                self.student, self.teacher.model, self.head, obj, self.masking, inputs, pad, generator, self.pooled_head,
+                self._pooled_weights(inputs),
             )
         if self.modality == "text":
             maskable = ~torch.isin(inputs, self.special_ids)
@@ -246,7 +250,7 @@ class Data2VecPretraining(L.LightningModule):
         )
         out = objective_outputs(res, mask, valid_tokens.sum(), pred, target)
         if self.pooled_head is not None:  # over the tokens the masks may pick (text: no special tokens)
-            target_means = pooled_targets(targets, ~valid_tokens)
+            target_means = pooled_targets(targets, ~valid_tokens, self._pooled_weights(inputs))
             add_pooled_loss(out, obj.pooled_loss, self.pooled_head, x, ~valid_tokens, target_means)
         return out
 
@@ -300,6 +304,33 @@ class Data2VecPretraining(L.LightningModule):
             # backward whose gradients ``on_before_optimizer_step`` drops
             return out["loss"] * 0.0
         return None  # Lightning skips backward
+
+    def setup(self, stage: str) -> None:
+        """``objective.pooled_weights=idf``: each token id's IDF over the run's training sequences,
+        computed here because only the data module knows them (it is set up first; on resume and on
+        every DDP rank the same data give the same weights, so nothing needs checkpointing)."""
+        if self.objective.pooled_weights != "idf" or self.pooled_head is None or self.pooled_token_idf is not None:
+            return
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        corpus = getattr(dm, "train_set", None)
+        if corpus is None:
+            raise ValueError("objective.pooled_weights=idf computes its weights from the data module's train_set; this run has none")
+        from d2v_train.eval.features import token_idf
+
+        idf = token_idf(corpus, int(self.student.config.vocab_size), self.pad_id)
+        idf[self.special_ids] = 0.0  # <s>, </s>, <pad>, <mask>: not words of the sequence
+        self.pooled_token_idf = idf
+        _log.info("pooled target weighted by IDF over %d training sequences (objective.pooled_weights=idf)", len(corpus))
+
+    def _pooled_weights(self, inputs: Tensor) -> Optional[Tensor]:
+        """``(B, T)`` weights of the pooled target's mean (``objective.pooled_weights``), or None."""
+        if self.pooled_token_idf is None:
+            if self.objective.pooled_weights == "idf" and self.pooled_head is not None:
+                raise RuntimeError("objective.pooled_weights=idf: the weights are computed in setup(), which has not run")
+            return None
+        if self.pooled_token_idf.device != inputs.device:
+            self.pooled_token_idf = self.pooled_token_idf.to(inputs.device)
+        return self.pooled_token_idf[inputs]
 
     def on_fit_start(self) -> None:
         self._ema_schedule = None

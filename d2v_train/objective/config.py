@@ -87,6 +87,10 @@ class ObjectiveConfig:
     pooled_loss: weight of this project's sequence-level term (``objective/pooled.py``): a linear head
         on the student's mean-pooled output regresses the teacher's mean target, normalised over the
         batch; 0 (the reference) turns it off. The small text preset uses it.
+    pooled_weights: how the pooled term's target averages a sequence's tokens: ``uniform``, or ``idf``
+        (text: each token weighted by its inverse document frequency over the run's training text,
+        so that the sequence-level target is about its rare, topical words rather than its
+        function words).
     """
 
     layer_targets: str = "ffn"
@@ -108,6 +112,7 @@ class ObjectiveConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     cls_loss: float = 0.0
     pooled_loss: float = 0.0
+    pooled_weights: str = "uniform"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -130,6 +135,7 @@ class ObjectiveConfig:
             "channel_reduction": ("sum", "mean"),
             "head": ("linear", "mlp"),
             "teacher_input": ("embed", "raw"),
+            "pooled_weights": ("uniform", "idf"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:

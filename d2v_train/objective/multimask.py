@@ -100,6 +100,7 @@ def d2v2_objective(
     padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     pooled_head: Optional[nn.Module] = None,
+    pooled_weights: Optional[Tensor] = None,
 ) -> dict[str, Any]:
     """One data2vec 2.0 loss evaluation (see the module docstring).
 
@@ -110,6 +111,7 @@ def d2v2_objective(
         padding_mask: input padding (True = padding); for text the token padding.
         generator: draws the masks and the decoder noise.
         pooled_head: the linear head of ``objective.pooled_loss`` (when it is > 0).
+        pooled_weights: ``(B, T)`` token weights of the pooled term's target mean (None: uniform).
     Returns:
         ``loss`` (for backward) and detached statistics, the keys of the v1 objective plus
         ``cls_loss``, ``pairs`` (sample x mask pairs) and ``encoded`` (tokens the student encoded).
@@ -164,6 +166,6 @@ def d2v2_objective(
     if obj.pooled_loss > 0:
         if pooled_head is None:
             raise ValueError("objective.pooled_loss > 0 needs its pooled_head")
-        target_means = repeat_clones(pooled_targets(targets, token_pad), clones)
+        target_means = repeat_clones(pooled_targets(targets, token_pad, pooled_weights), clones)
         add_pooled_loss(out, obj.pooled_loss, pooled_head, hidden[:, num_prefix:], kept_padding, target_means)
     return out

@@ -26,14 +26,19 @@ __all__ = ["pooled_targets", "pooled_loss", "add_pooled_loss"]
 
 
 @torch.no_grad()
-def pooled_targets(targets: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+def pooled_targets(targets: Tensor, padding_mask: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
     """Each sample's mean target, every channel normalised over this rank's batch (fp32).
 
     Args:
         targets: the per-token targets ``(B, T, D)`` (extra tokens such as CLS removed).
         padding_mask: ``(B, T)``, True = padding.
+        weights: ``(B, T)`` token weights (``objective.pooled_weights=idf``); a weighted mean then.
     """
-    pooled = mean_pool(targets.float(), padding_mask)
+    if weights is None:
+        pooled = mean_pool(targets.float(), padding_mask)
+    else:
+        w = weights.float() if padding_mask is None else weights.float().masked_fill(padding_mask, 0.0)
+        pooled = (targets.float() * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp(min=1e-6)
     return batch_norm(pooled.unsqueeze(1)).squeeze(1)
 
 
