@@ -505,7 +505,8 @@ def test_online_probe_on_padded_text(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(features_module, "token_idf", counting_token_idf)
     pretrain.train(compose_cfg(tmp_path / "run_idf", "modality=text", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
                                "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34",
-                               "trainer.max_steps=2", "report=false", "callbacks.probe.pooling=token_idf"))  # fmt: skip
+                               "trainer.max_steps=2", "report=false", "callbacks.probe.pooling=token_idf",
+                               "objective.pooled_weights=uniform"))  # fmt: skip  (the objective's own IDF is not counted here)
     assert len(corpora) == 1 and corpora[0] > 1000, corpora  # once, over the run's training blocks, not the 60 probe texts
     assert float([r for r in rows(tmp_path / "run_idf") if r.get("probe/final_linear_acc")][-1]["probe/final_linear_acc"]) == 1.0
 

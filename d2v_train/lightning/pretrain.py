@@ -313,8 +313,10 @@ class Data2VecPretraining(L.LightningModule):
             return
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         corpus = getattr(dm, "train_set", None)
-        if corpus is None:
-            raise ValueError("objective.pooled_weights=idf computes its weights from the data module's train_set; this run has none")
+        if corpus is not None:
+            self._set_pooled_idf(corpus)
+
+    def _set_pooled_idf(self, corpus: Any) -> None:
         from d2v_train.eval.features import token_idf
 
         idf = token_idf(corpus, int(self.student.config.vocab_size), self.pad_id)
@@ -323,11 +325,21 @@ class Data2VecPretraining(L.LightningModule):
         _log.info("pooled target weighted by IDF over %d training sequences (objective.pooled_weights=idf)", len(corpus))
 
     def _pooled_weights(self, inputs: Tensor) -> Optional[Tensor]:
-        """``(B, T)`` weights of the pooled target's mean (``objective.pooled_weights``), or None."""
+        """``(B, T)`` weights of the pooled target's mean (``objective.pooled_weights``), or None.
+        Without a data module (``trainer.fit(model, loader)``) the weights come from the training
+        loader's dataset, once it exists."""
         if self.pooled_token_idf is None:
-            if self.objective.pooled_weights == "idf" and self.pooled_head is not None:
-                raise RuntimeError("objective.pooled_weights=idf: the weights are computed in setup(), which has not run")
-            return None
+            if self.objective.pooled_weights != "idf" or self.pooled_head is None:
+                return None
+            loader = self._trainer.train_dataloader if self._trainer is not None else None
+            corpus = getattr(loader, "dataset", None)
+            if corpus is None:
+                raise ValueError(
+                    "objective.pooled_weights=idf computes its weights from the training text (the data module's "
+                    "train_set, or the training loader's dataset), and this run has none yet"
+                )
+            self._set_pooled_idf(corpus)
+        assert self.pooled_token_idf is not None
         if self.pooled_token_idf.device != inputs.device:
             self.pooled_token_idf = self.pooled_token_idf.to(inputs.device)
         return self.pooled_token_idf[inputs]

@@ -5,7 +5,9 @@ position's mean explains about 80% of their variance), which a student can predi
 position embedding without reading the sentence. The mean of a sequence's targets over its tokens
 cancels most of that, and normalising those means over the batch keeps what tells one sequence from
 another: its content. So the student's mean-pooled output, through its own linear head, regresses
-the teacher's mean target, normalised over the batch. It is this project's addition, not part of
+the teacher's mean target, normalised over the batch. With ``objective.pooled_weights=idf`` (text)
+that mean weighs each token by its inverse document frequency, so that it is about the sequence's
+rarer words rather than the ones every sequence has. It is this project's addition, not part of
 data2vec v1 or 2.0; the nearest reference piece is 2.0's image CLS loss (CLS output vs the image's
 mean target, without the batch norm or a head). The published recipes leave it off.
 """
