@@ -125,11 +125,7 @@ def pool(
     if pooling == "token_idf":  # the token table alone: no forward pass through the blocks
         assert token_weights is not None
         encoder.check_token_ids(inputs)  # the encoder's own checks: token_weights has one weight per id
-        weights = token_weights.to(inputs.device, torch.float32)[inputs]
-        if padding_mask is not None:
-            weights = weights.masked_fill(padding_mask, 0.0)
-        vectors = encoder.embeddings.token(inputs)
-        return (vectors * weights.unsqueeze(-1).to(vectors.dtype)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6).to(vectors.dtype)
+        return mean_pool(encoder.embeddings.token(inputs), padding_mask, token_weights.to(inputs.device)[inputs])
     out = encoder(inputs, padding_mask=padding_mask, output_hidden_states=pooling == "topk", **forward_kwargs)
     prefix = int(getattr(encoder, "num_prefix_tokens", 0))
     if pooling == "cls":

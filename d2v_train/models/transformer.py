@@ -229,9 +229,12 @@ def attention_mask(
     return mask
 
 
-def mean_pool(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+def mean_pool(x: Tensor, padding_mask: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
     """``(B, T, D)`` -> ``(B, D)``: the mean over each row's valid positions (True in
-    ``padding_mask`` = padding; a row with none gives 0)."""
+    ``padding_mask`` = padding; a row with none gives 0), weighted by ``weights`` ``(B, T)`` if given."""
+    if weights is not None:
+        w = weights.to(x.dtype) if padding_mask is None else weights.to(x.dtype).masked_fill(padding_mask, 0.0)
+        return (x * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp(min=1e-6)
     if padding_mask is None:
         return x.mean(dim=1)
     keep = (~padding_mask).to(x.dtype).unsqueeze(-1)

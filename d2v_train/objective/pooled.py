@@ -36,11 +36,7 @@ def pooled_targets(targets: Tensor, padding_mask: Optional[Tensor] = None, weigh
         padding_mask: ``(B, T)``, True = padding.
         weights: ``(B, T)`` token weights (``objective.pooled_weights=idf``); a weighted mean then.
     """
-    if weights is None:
-        pooled = mean_pool(targets.float(), padding_mask)
-    else:
-        w = weights.float() if padding_mask is None else weights.float().masked_fill(padding_mask, 0.0)
-        pooled = (targets.float() * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp(min=1e-6)
+    pooled = mean_pool(targets.float(), padding_mask, weights)
     return batch_norm(pooled.unsqueeze(1)).squeeze(1)
 
 
