@@ -58,13 +58,22 @@ def validate_config(cfg: DictConfig) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     kind = cfg.masking.get("kind")
-    valid = ("token",) if modality == "text" else tuple(k for k in MASK_KINDS if k != "token")
-    if cfg.objective.get("version", 1) == 2:  # data2vec 2.0 gathers kept tokens: exact counts per row
-        from d2v_train.objective.multimask import EXACT_MASK_KINDS
+    from d2v_train.objective.multimask import EXACT_MASK_KINDS
 
-        valid = ("inverse_block", "random") if modality == "vision" else tuple(k for k in EXACT_MASK_KINDS if k != "inverse_block")
+    valid_v1 = ("token",) if modality == "text" else tuple(k for k in MASK_KINDS if k != "token")
+    # data2vec 2.0 gathers kept tokens: exact counts per row
+    valid_v2 = ("inverse_block", "random") if modality == "vision" else tuple(k for k in EXACT_MASK_KINDS if k != "inverse_block")
+    version = cfg.objective.get("version", 1)
+    other_version = 1 if version == 2 else 2
+    valid, other = (valid_v2, valid_v1) if version == 2 else (valid_v1, valid_v2)
     if kind not in valid:
-        raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality}: {', '.join(valid)}")
+        name = {1: "v1", 2: "2.0"}
+        hint = ""
+        if kind in other:  # e.g. masking=text (BERT) with modality=text, whose default objective is 2.0
+            hint = (f"; masking.kind={kind} goes with data2vec {name[other_version]}: add "
+                    f"objective=d2v{other_version}_{modality}, or drop the masking= override")
+        raise ConfigError(f"bad value for 'masking.kind': {kind!r}; valid choices for {modality} with data2vec "
+                          f"{name[version]} (objective.version={version}): {', '.join(valid)}{hint}")
     check_trainer(OmegaConf.to_container(cfg.trainer, resolve=False))  # type: ignore[arg-type]
     from d2v_train.choices import data_modality, encoder_modality, mismatch
     from d2v_train.models import ENCODERS

@@ -1,11 +1,12 @@
 """Linear-probe accuracy against training time: does data2vec 2.0 learn faster than v1?
 
-    python scripts/probe_curve.py vision                     # default v1 run, then the default 2.0 run
+    python scripts/probe_curve.py vision                     # the v1 run, then the 2.0 run, each with its defaults
     python scripts/probe_curve.py text --every 25 -- trainer.max_steps=400     # overrides for both runs
     python scripts/probe_curve.py audio --v2 objective.clones=4                # overrides for the 2.0 run only
 
-Runs, one after the other (so they do not slow each other down), ``d2v-pretrain modality=M`` and
-``d2v-pretrain modality=M objective=d2v2_M`` with their defaults, the online probe every ``--every``
+Runs, one after the other (so they do not slow each other down), ``d2v-pretrain modality=M
+objective=d2v1_M`` and ``d2v-pretrain modality=M objective=d2v2_M`` with their defaults (``modality=text``
+alone is 2.0), the online probe every ``--every``
 updates. The probe is the run's own (``callbacks.probe``: the data module's labelled probe task,
 mean-pooled features, linear classifier; ``--C``: its regularisation, by default chosen at every probe
 by cross-validation on the labelled training set, since a fixed C ranks encoders partly by how well
@@ -112,7 +113,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = (args.out or Path("runs/probe_curve") / args.modality).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    names = {"v1": [*both, *args.v1], "2.0": [f"objective=d2v2_{args.modality}", *both, *args.v2]}
+    names = {"v1": [f"objective=d2v1_{args.modality}", *both, *args.v1],
+             "2.0": [f"objective=d2v2_{args.modality}", *both, *args.v2]}
     curves: dict[str, Curve] = {}
     ends: dict[str, tuple[Optional[float], Optional[float]]] = {}  # (random init, the run) by the end-of-run probe
     for name, overrides in names.items():

@@ -41,6 +41,8 @@ CASES: list[tuple[str, str, list[str], int, list[str], Optional[str]]] = [
      ["data=text is text data but modality=vision", "drop modality=", "digits"], None),
     ("encoder of another modality", "pretrain", ["encoder=vision_tiny", "modality=text"], 2,
      ["encoder=vision_tiny is a vision encoder but modality=text", "text_tiny"], None),
+    ("v1 masking with the 2.0 text default", "pretrain", ["modality=text", "masking=text"], 2,
+     ["'masking.kind': 'token'", "with data2vec 2.0", "goes with data2vec v1", "objective=d2v1_text"], None),
     ("not a checkpoint: finetune", "finetune", ["pretrained={tmp}/" + NOTES], 2,
      ["d2v-finetune: error: pretrained=", "is not a checkpoint (a text file)", "expected a .ckpt"], None),
     ("not a checkpoint: export", "export", ["checkpoint={tmp}/" + NOTES, "output_dir={tmp}/out"], 2,
@@ -92,7 +94,8 @@ def test_data_carries_its_modality(tmp_path: Path) -> None:
     proc = run("pretrain", ["data=text", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\nmodality: text\n" in proc.stdout and "TextDataModule" in proc.stdout
-    assert "kind: token" in proc.stdout and "vocab_size" in proc.stdout  # text masking, text encoder
+    # the text preset's masking and objective (data2vec 2.0: random masking, its conv decoder), text encoder
+    assert "kind: random" in proc.stdout and "version: 2" in proc.stdout and "vocab_size" in proc.stdout
 
 
 def test_help_names_the_app_and_its_groups(tmp_path: Path) -> None:

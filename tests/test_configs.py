@@ -53,6 +53,8 @@ def test_group_options_compose_and_validate(group: str, tmp_path: Path) -> None:
         overrides = [f"modality={m}"] if m and group != "modality" else []
         if group == "masking" and option.startswith("d2v2_"):  # 2.0 masks go with the 2.0 objective
             overrides.append(f"objective={option}")
+        elif group == "masking" and m == "text":  # ...and BERT masks with v1 (modality=text defaults to 2.0)
+            overrides.append("objective=d2v1_text")
         cfg = compose_cfg([*overrides, f"{group}={option}"], tmp_path)
         validate_config(cfg)
         enc_cls = ENCODERS[cfg.modality][1]
@@ -105,20 +107,24 @@ def test_experiments_compose_with_reference_values(tmp_path: Path) -> None:
     assert aud.objective.ema.anneal_steps == 30000 and aud.masking.mask_length == 10
 
 
-def test_text_preset_masks_30_percent_and_masking_text_stays_the_papers(tmp_path: Path) -> None:
-    """modality=text's preset masks 30% (chosen by probes, docs/presets.md), BERT-style, and its
-    2.0 small setting 60%; the masking=text and masking=d2v2_text options keep their published shares."""
-    tiny = compose_cfg(["modality=text"], tmp_path).masking
-    assert (tiny.kind, tiny.mask_prob, tiny.leave_unmasked_prob, tiny.random_token_prob) == ("token", 0.3, 0.1, 0.1)
-    assert compose_cfg(["modality=text", "masking=text"], tmp_path).masking.mask_prob == 0.15
-    assert compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).masking.mask_prob == 0.6
+def test_text_preset_is_2_0_masking_60_percent_and_v1_masks_30(tmp_path: Path) -> None:
+    """modality=text pretrains with data2vec 2.0 (it probed above v1 in less time, docs/presets.md),
+    masking 60% of tokens at random; objective=d2v1_text brings v1 with BERT masking at 30% (chosen by
+    probes); the masking=text and masking=d2v2_text options keep their published shares."""
+    default = compose_cfg(["modality=text"], tmp_path)
+    assert (default.objective.version, default.masking.kind, default.masking.mask_prob) == (2, "random", 0.6)
+    assert default.objective == compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).objective
+    v1 = compose_cfg(["modality=text", "objective=d2v1_text"], tmp_path)
+    assert v1.objective.get("version", 1) == 1 and "decoder" not in v1.objective
+    assert (v1.masking.kind, v1.masking.mask_prob, v1.masking.leave_unmasked_prob, v1.masking.random_token_prob) == ("token", 0.3, 0.1, 0.1)
+    assert compose_cfg(["modality=text", "objective=d2v1_text", "masking=text"], tmp_path).masking.mask_prob == 0.15
     assert OmegaConf.load(CONFIGS / "masking" / "d2v2_text.yaml").mask_prob == 0.48
 
 
 def test_text_preset_is_two_blocks_of_128_averaging_both(tmp_path: Path) -> None:
     """modality=text pretrains text_small (2 blocks of 128, chosen by probes over text_tiny's 4 of 64)
     and averages both blocks for its targets, v1 and 2.0."""
-    for extra in ([], ["objective=d2v2_text"]):
+    for extra in ([], ["objective=d2v1_text"]):
         cfg = compose_cfg(["modality=text", *extra], tmp_path)
         assert (cfg.encoder.hidden_size, cfg.encoder.num_hidden_layers, cfg.encoder.intermediate_size) == (128, 2, 256)
         assert cfg.objective.top_k == cfg.encoder.num_hidden_layers
@@ -128,21 +134,22 @@ def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path:
     """The small text 2.0 setting runs its conv decoder at an eighth of its encoder's width (cheaper,
     probes higher), at the text preset's lr 3e-3 as v1 does; the published text recipes keep the
     encoder's width, their masked shares and their learning rates."""
-    small = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path)
+    small = compose_cfg(["modality=text"], tmp_path)
     assert (small.objective.decoder.dim * 8, small.optim.lr) == (small.encoder.hidden_size, 3e-3)
-    assert compose_cfg(["modality=text"], tmp_path).optim.lr == 3e-3
+    assert compose_cfg(["modality=text", "objective=d2v1_text"], tmp_path).optim.lr == 3e-3
     for recipe, mask_prob, lr in (("d2v2_text_base", 0.48, 2e-4), ("d2v2_text_large", 0.5, 1e-4)):
         cfg = compose_cfg([f"experiment={recipe}", "data.path=/nonexistent"], tmp_path)
         assert (cfg.objective.decoder.dim, cfg.masking.mask_prob, cfg.optim.lr) == (768, mask_prob, lr)
 
 
 def test_text_preset_teacher_stops_after_its_ramp_and_2_0_keeps_its_own(tmp_path: Path) -> None:
-    """modality=text's teacher ramps 0.999 -> 0.99999 over 300 updates (chosen by probes); the
-    published v1 text objective keeps 0.9999, and the 2.0 text setting its own schedule."""
-    ema = compose_cfg(["modality=text"], tmp_path).objective.ema
+    """modality=text objective=d2v1_text's teacher ramps 0.999 -> 0.99999 over 300 updates (chosen
+    by probes); the published v1 text objective keeps 0.9999, and the 2.0 text setting (the
+    modality's default) its own schedule."""
+    ema = compose_cfg(["modality=text", "objective=d2v1_text"], tmp_path).objective.ema
     assert (ema.decay, ema.end_decay, ema.anneal_steps) == (0.999, 0.99999, 300)
     assert OmegaConf.load(CONFIGS / "objective" / "d2v1_text.yaml").ema.end_decay == 0.9999
-    v2 = compose_cfg(["modality=text", "objective=d2v2_text"], tmp_path).objective.ema
+    v2 = compose_cfg(["modality=text"], tmp_path).objective.ema
     assert (v2.decay, v2.end_decay) == (0.999, 0.9999)
 
 

@@ -24,6 +24,10 @@ def test_probe_curve_runs_both_objectives_and_writes_curves(tmp_path: Path, caps
         times = [float(r["train_s"]) for r in curve]
         assert 0 < times[0] < times[1]
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # each run names its objective: a modality whose preset is 2.0 (text) still gets a v1 run
+    for name, version in (("v1", 1), ("2.0", 2)):
+        saved = (tmp_path / name / "config.yaml").read_text()
+        assert ("version: 2" in saved) == (version == 2), name
     assert "2.0 reached" in printed or "2.0 never reached" in printed
     # by default every periodic probe chooses its C by cross-validation and logs it
     assert "linear probe (C by cross-validation at every probe)" in printed

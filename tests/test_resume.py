@@ -157,9 +157,11 @@ def test_longer_rerun_continues_a_finished_run_exactly(straight: Path, tmp_path:
     assert_same_state(last(tmp_path), last(straight))
 
 
-def test_text_resume_is_exact(tmp_path: Path) -> None:
-    """Text (token masking, dropout): straight 2N vs N then the longer command in the same run dir."""
-    base = [*SMALL, "modality=text", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
+@pytest.mark.parametrize("objective", ["d2v2_text", "d2v1_text"])
+def test_text_resume_is_exact(objective: str, tmp_path: Path) -> None:
+    """Text with dropout, 2.0 (the preset: random masks, decoder noise) and v1 (BERT token masking):
+    straight 2N vs N then the longer command in the same run dir."""
+    base = [*SMALL, "modality=text", f"objective={objective}", f"data.cache_dir={tmp_path / 'cache'}", "data.max_files=2",
             "data.vocab_size=512", "data.max_length=32", "encoder.max_position_embeddings=34"]
     run(tmp_path / "straight", f"trainer.max_steps={2 * N}", base=base)
     run(tmp_path / "resumed", f"trainer.max_steps={N}", base=base)
