@@ -142,6 +142,17 @@ def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path:
         assert (cfg.objective.decoder.dim, cfg.masking.mask_prob, cfg.optim.lr) == (768, mask_prob, lr)
 
 
+def test_text_2_0_small_setting_regresses_block_outputs_and_recipes_keep_ffn(tmp_path: Path) -> None:
+    """The small text 2.0 setting takes each teacher block's output as its target layer (probed 10-13
+    points higher at 10 labels per class, docs/presets.md); v1 text and the published 2.0 text recipes
+    keep the reference's FFN outputs."""
+    assert compose_cfg(["modality=text"], tmp_path).objective.layer_targets == "block"
+    assert compose_cfg(["modality=text", "objective=d2v1_text"], tmp_path).objective.layer_targets == "ffn"
+    for recipe in ("d2v2_text_base", "d2v2_text_large"):
+        cfg = compose_cfg([f"experiment={recipe}", "data.path=/nonexistent"], tmp_path)
+        assert cfg.objective.layer_targets == "ffn", recipe
+
+
 def test_text_preset_teacher_stops_after_its_ramp_and_2_0_keeps_its_own(tmp_path: Path) -> None:
     """modality=text objective=d2v1_text's teacher ramps 0.999 -> 0.99999 over 300 updates (chosen
     by probes); the published v1 text objective keeps 0.9999, and the 2.0 text setting (the
