@@ -143,7 +143,7 @@ def test_text_2_0_small_setting_narrows_its_decoder_and_recipes_do_not(tmp_path:
 
 
 def test_text_2_0_small_setting_regresses_block_outputs_and_recipes_keep_ffn(tmp_path: Path) -> None:
-    """The small text 2.0 setting takes each teacher block's output as its target layer (probed 10-13
+    """The small text 2.0 setting takes each teacher block's output as its target layer (probed 7-13
     points higher at 10 labels per class, docs/presets.md); v1 text and the published 2.0 text recipes
     keep the reference's FFN outputs."""
     assert compose_cfg(["modality=text"], tmp_path).objective.layer_targets == "block"
