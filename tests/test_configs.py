@@ -183,6 +183,21 @@ def test_digits_augmentation_per_objective(tmp_path: Path) -> None:
         validate_config(compose_cfg([f"objective={objective}", f"data={data}"], tmp_path))
 
 
+def test_digits_v1_pretraining_runs_small_batches(tmp_path: Path) -> None:
+    """v1 pretraining on the bundled digits (the default command) runs 2,400 updates of 32 images, the
+    same passes over the data as 1,200 of 64 (its all-labels probe passed the pixels so, docs/presets.md);
+    2.0 on digits, a user's image folder under modality=vision and fine-tuning keep their own values."""
+    def run_length(*overrides: str) -> tuple:
+        cfg = compose_cfg(list(overrides), tmp_path)
+        return cfg.data.batch_size, cfg.trainer.max_steps
+
+    assert run_length() == run_length("modality=vision") == (32, 2400)
+    assert run_length("data.batch_size=64", "trainer.max_steps=1200") == (64, 1200)  # the command line wins
+    assert run_length("objective=d2v2_vision") == (64, 800)
+    assert run_length("data=image", "data.path=images") == (64, 1200)
+    assert OmegaConf.load(CONFIGS / "data" / "digits.yaml").batch_size == 64  # what d2v-finetune data=digits gets
+
+
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainer_configs_instantiate(option: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"trainer={option}"], tmp_path)
