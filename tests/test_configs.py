@@ -185,7 +185,7 @@ def test_digits_augmentation_per_objective(tmp_path: Path) -> None:
 
 def test_digits_v1_pretraining_runs_small_batches(tmp_path: Path) -> None:
     """v1 pretraining on the bundled digits (the default command) runs 2,400 updates of 32 images, the
-    same passes over the data as 1,200 of 64 (its all-labels probe passed the pixels so, docs/presets.md);
+    same passes over the data as 1,200 of 64 (it probed higher so, docs/presets.md);
     2.0 on digits, a user's image folder under modality=vision and fine-tuning keep their own values."""
     def run_length(*overrides: str) -> tuple:
         cfg = compose_cfg(list(overrides), tmp_path)
